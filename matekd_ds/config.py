@@ -1,0 +1,357 @@
+"""The run config: nested dataclasses, loaded from YAML/JSON plus dotted CLI overrides, validated.
+
+Every key a user can write is a dataclass field here, so an unknown key or a value of the wrong
+type is caught before anything runs, with a one-line error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from matekd_ds.errors import MatekdError
+
+METHODS = ("ft", "kd", "matekd")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in procedural sentiment task (see data/synthetic.py)."""
+
+    train_size: int = 4000
+    dev_size: int = 1000
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    # GLUE: null = the hub; a directory in GLUE TSV format = local files.
+    path: str | None = None
+    # Custom tasks (task: custom): CSV/TSV/JSONL files and their columns.
+    train_file: str | None = None
+    dev_file: str | None = None
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    label_column: str = "label"
+    label_names: list[str] | None = None
+    regression: bool = False
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    main_metric: str = "accuracy"
+    max_length: int = 128
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelsConfig:
+    """Each model is a local path, a hub id, or `builtin:<name>` (tiny models built from configs)."""
+
+    teacher: str = "builtin:tiny-teacher"
+    student: str = "builtin:tiny-student"
+    generator: str = "builtin:tiny-generator"
+    # Tokenizer path or hub id; null = the teacher's, or (builtin teacher) a WordPiece
+    # tokenizer trained on the task's training text with at most this many tokens.
+    tokenizer: str | None = None
+    builtin_tokenizer_vocab_size: int = 8000
+    # Fine-tune the teacher (method ft) for this many epochs before distilling. null = auto:
+    # only a builtin (randomly initialised) teacher is fine-tuned, for 3 epochs.
+    teacher_finetune_epochs: float | None = None
+    teacher_finetune_lr: float = 1e-4
+    # Initialise the student from these teacher layers (DistilBERT-style); null = load as given.
+    student_init_from_teacher_layers: list[int] | None = None
+
+
+@dataclass
+class MatekdConfig:
+    """The MATE-KD algorithm; defaults are the official code's."""
+
+    mask_prob: float = 0.3
+    gumbel_tau: float = 1.0
+    temperature: float = 1.0
+    generator_steps: int = 10  # n_G: generator batches per cycle
+    student_steps: int = 100  # n_S: student batches per cycle
+    generator_lr: float = 5e-7
+    generator_clip: float = 5.0
+    # Student-step weights: CE(labels), divergence(clean), divergence(perturbed).
+    loss_weights: list[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])
+
+
+@dataclass
+class KdConfig:
+    """Hinton KD: alpha * CE(labels) + (1 - alpha) * T^2 * divergence."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    max_steps: int | None = None  # optimizer steps (both engines' batches); overrides epochs
+    micro_batch_size: int = 32  # per rank
+    gradient_accumulation_steps: int = 1
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0
+    clip: float = 5.0
+    seed: int = 42
+    dtype: str = "auto"  # auto = what the student's DeepSpeed config enables, else fp32
+    zero_stage: int | None = None  # overrides every engine's DeepSpeed config
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 200  # 0 = only at the end
+    batch_size: int = 64  # per rank
+    save_best: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Per-engine DeepSpeed configs: a preset name from ds_configs/ or a JSON path."""
+
+    student: str = "zero2"
+    generator: str = "zero2"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/matekd-default"
+    overwrite: bool = False
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    tensorboard: bool = True
+    csv: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    # A GLUE task name, "synthetic" (the built-in offline task) or "custom" (data.train_file...).
+    task: str = "synthetic"
+    method: str = "matekd"
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    matekd: MatekdConfig = field(default_factory=MatekdConfig)
+    kd: KdConfig = field(default_factory=KdConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from plain data, with type checks that name the offending key.
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except MatekdError as err:
+                errors.append(str(err))
+        raise MatekdError(errors[0] if errors else f"config key '{key}': bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise MatekdError(f"config key '{key}' must be a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise MatekdError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise MatekdError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise MatekdError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise MatekdError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise MatekdError(f"config key '{key}' must be a string, got {value!r}")
+    raise MatekdError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise MatekdError(
+                f"unknown config key '{prefix}{key}' (valid keys here: {', '.join(names)})"
+            )
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """`train.lr=1e-4` -> {"train": {"lr": 0.0001}}; the value is parsed as YAML."""
+    if "=" not in text:
+        raise MatekdError(f"override '{text}' must look like key.path=value")
+    path, raw = text.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise MatekdError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "1e-4" as a string; accept it as the number it obviously is.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else value
+        except ValueError:
+            pass
+    out: dict[str, Any] = value
+    for key in reversed(keys):
+        out = {key: out}
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MatekdError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0]
+        raise MatekdError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: {first}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MatekdError(f"config file {path} must hold a mapping at the top level")
+    return _fix_yaml_floats(data)
+
+
+def _fix_yaml_floats(data: Any) -> Any:
+    """YAML 1.1 leaves exponent floats without a dot ("2e-5") as strings; read them as numbers."""
+    if isinstance(data, dict):
+        return {k: _fix_yaml_floats(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_fix_yaml_floats(v) for v in data]
+    if isinstance(data, str):
+        try:
+            return float(data) if "e" in data.lower() and data.strip()[0] in "+-.0123456789" else data
+        except ValueError:
+            return data
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict[str, Any] = read_config_file(path) if path else {}
+    for text in overrides or []:
+        data = _merge(data, parse_override(text))
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MatekdError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that types alone cannot express."""
+    _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
+    _check(cfg.train.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got '{cfg.train.dtype}'")
+    m = cfg.matekd
+    _check(0.0 < m.mask_prob <= 1.0, f"matekd.mask_prob must be in (0, 1], got {m.mask_prob}")
+    _check(m.gumbel_tau > 0, f"matekd.gumbel_tau must be > 0, got {m.gumbel_tau}")
+    _check(m.temperature > 0, f"matekd.temperature must be > 0, got {m.temperature}")
+    _check(m.generator_steps >= 0, f"matekd.generator_steps must be >= 0, got {m.generator_steps}")
+    _check(m.student_steps >= 1, f"matekd.student_steps must be >= 1, got {m.student_steps}")
+    _check(len(m.loss_weights) == 3, "matekd.loss_weights needs 3 numbers: CE, divergence(clean), divergence(perturbed)")
+    _check(all(w >= 0 for w in m.loss_weights), f"matekd.loss_weights must be >= 0, got {m.loss_weights}")
+    _check(m.generator_lr >= 0, f"matekd.generator_lr must be >= 0, got {m.generator_lr}")
+    _check(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha must be in [0, 1], got {cfg.kd.alpha}")
+    _check(cfg.kd.temperature > 0, f"kd.temperature must be > 0, got {cfg.kd.temperature}")
+    t = cfg.train
+    _check(t.epochs > 0 or (t.max_steps or 0) > 0, "train.epochs or train.max_steps must be > 0")
+    _check(t.max_steps is None or t.max_steps > 0, f"train.max_steps must be > 0, got {t.max_steps}")
+    _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
+    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+    _check(t.clip >= 0, f"train.clip must be >= 0, got {t.clip}")
+    _check(t.zero_stage is None or t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0-3, got {t.zero_stage}")
+    _check(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")
+    for key in ("max_train_examples", "max_eval_examples"):
+        value = getattr(cfg.data, key)
+        _check(value is None or value > 0, f"data.{key} must be > 0, got {value}")
+    _check(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1")
+    _check(cfg.output.checkpoint_every >= 0, "output.checkpoint_every must be >= 0")
+    _check(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints must be >= 1")
+    _check(cfg.logging.log_every >= 1, "logging.log_every must be >= 1")
+    if cfg.models.teacher_finetune_epochs is None:
+        cfg.models.teacher_finetune_epochs = 3.0 if cfg.models.teacher.startswith("builtin:") else 0.0
+    _check(cfg.models.teacher_finetune_epochs >= 0, "models.teacher_finetune_epochs must be >= 0")
+    _check(bool(cfg.output.dir), "output.dir must not be empty")
+    if cfg.task == "custom":
+        _check(bool(cfg.data.train_file), "task: custom needs data.train_file")
+        _check(bool(cfg.data.dev_file), "task: custom needs data.dev_file")
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,103 @@
+"""Tokenisation, dynamic padding, rank sharding of training batches and of evaluation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from matekd_ds.data.loaders import Example
+
+
+@dataclass
+class Encoded:
+    """One tokenised split: ragged token lists plus labels, indexable by example id."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: list[float] | list[int]
+    regression: bool
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.input_ids)
+
+
+def encode(examples: Sequence[Example], tokenizer, max_length: int, regression: bool) -> Encoded:
+    firsts = [ex.texts[0] for ex in examples]
+    pairs = [ex.texts[1] for ex in examples] if examples and len(examples[0].texts) > 1 else None
+    enc = tokenizer(firsts, pairs, truncation=True, max_length=max_length)
+    token_types = enc.get("token_type_ids")
+    if token_types is not None and pairs is None:
+        token_types = None  # all zeros for single segments: not worth carrying
+    labels = [float(ex.label) if regression else int(ex.label) for ex in examples]
+    return Encoded(enc["input_ids"], token_types, labels, regression)
+
+
+def collate(data: Encoded, indices: Sequence[int], pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Pad to the longest sequence in this batch (rounded up to `pad_to_multiple`)."""
+    longest = max(len(data.input_ids[i]) for i in indices)
+    length = math.ceil(longest / pad_to_multiple) * pad_to_multiple
+    ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(indices), length), dtype=torch.long)
+    types = torch.zeros((len(indices), length), dtype=torch.long) if data.token_type_ids else None
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        ids[row, :n] = torch.tensor(data.input_ids[i])
+        attention[row, :n] = 1
+        if types is not None:
+            types[row, :n] = torch.tensor(data.token_type_ids[i])
+    label_dtype = torch.float32 if data.regression else torch.long
+    batch = {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "labels": torch.tensor([data.labels[i] for i in indices], dtype=label_dtype),
+        "index": torch.tensor(list(indices), dtype=torch.long),
+    }
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch
+
+
+class TrainStream:
+    """An endless, resumable stream of this rank's training micro-batches.
+
+    Each epoch is one permutation (seeded by seed + epoch, the same on every rank) cut into
+    global micro-batches of world_size x micro_batch examples; rank r takes slice r of each.
+    The tail that does not fill a global micro-batch is dropped, so every rank sees the same
+    number of batches. Position = micro-batches consumed so far, all a resume needs.
+    """
+
+    def __init__(self, size: int, micro_batch: int, rank: int, world_size: int, seed: int):
+        self.size, self.micro_batch, self.rank, self.world = size, micro_batch, rank, world_size
+        self.seed = seed
+        self.batches_per_epoch = size // (micro_batch * world_size)
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def batches(self, start: int = 0) -> Iterator[list[int]]:
+        position = start
+        while True:
+            epoch, within = divmod(position, self.batches_per_epoch)
+            order = self._epoch_order(epoch)
+            for b in range(within, self.batches_per_epoch):
+                first = (b * self.world + self.rank) * self.micro_batch
+                yield order[first: first + self.micro_batch].tolist()
+            position = (epoch + 1) * self.batches_per_epoch
+
+
+def eval_shard(size: int, rank: int, world_size: int) -> list[int]:
+    """Rank r evaluates examples r, r+W, ...; short shards repeat an index so that every rank
+    runs the same number of forwards (ZeRO-3 gathers need that). Repeats are dropped on gather."""
+    per_rank = math.ceil(size / world_size)
+    shard = list(range(rank, size, world_size))
+    while len(shard) < per_rank:
+        shard.append(shard[-1] if shard else 0)
+    return shard

@@ -1,0 +1,84 @@
+"""Process-group setup and the few collectives the trainer needs (rank, barrier, gather)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init() -> None:
+    """Join the launcher's process group; a plain `matekd train` becomes a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # not started by deepspeed/torchrun/srun wrapper
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+        )
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (gloo and NCCL alike)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is set on any rank (used to stop every rank at the same step)."""
+    if world_size() == 1:
+        return flag
+    return bool(max(gather_objects(bool(flag))))
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    if name == "cpu":
+        return torch.device("cpu")
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", "0")))

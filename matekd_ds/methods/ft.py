@@ -1,0 +1,33 @@
+"""Fine-tuning on labels only: the student baseline, and how teachers are trained."""
+
+from __future__ import annotations
+
+import torch
+
+from matekd_ds.losses import task_loss
+from matekd_ds.methods.common import model_inputs
+
+
+class FineTune:
+    name = "ft"
+
+    def __init__(self, student_engine, regression: bool):
+        self.student = student_engine
+        self.regression = regression
+
+    @property
+    def engines(self) -> dict:
+        return {"student": self.student}
+
+    def phase(self, step: int) -> str:
+        return "student"
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
+        total = 0.0
+        for batch in micro_batches:
+            logits = self.student(**model_inputs(batch)).logits
+            loss = task_loss(logits, batch["labels"], self.regression)
+            self.student.backward(loss)
+            self.student.step()
+            total = total + loss.detach()
+        return {"loss": total / len(micro_batches)}

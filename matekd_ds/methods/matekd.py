@@ -1,0 +1,93 @@
+"""MATE-KD (Rashid et al., ACL 2021): a min-max game between a masked-LM generator and the student.
+
+Each cycle: `generator_steps` generator (max) steps, then `student_steps` student (min) steps.
+
+  generator step:  y = GumbelST(generator(masked x))           masked rows only
+                   loss_G = −div(student(x ⊕ y·E_s), teacher(x ⊕ y·E_t))      student frozen
+  student step:    x' = x with masked rows ← sampled ids       no gradient
+                   loss_S = w₀·CE(student(x), labels) + w₁·div(student(x), teacher(x))
+                                                      + w₂·div(student(x'), teacher(x'))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from matekd_ds.losses import divergence, task_loss
+from matekd_ds.methods.common import doubled, frozen, model_inputs
+from matekd_ds.perturb import Perturber, soft_inputs_embeds
+
+
+def cycle_phase(step: int, generator_steps: int, student_steps: int) -> str:
+    """The first `generator_steps` of every cycle train the generator, the rest the student."""
+    return "generator" if step % (generator_steps + student_steps) < generator_steps else "student"
+
+
+def count_student_steps(total_steps: int, generator_steps: int, student_steps: int) -> int:
+    cycle = generator_steps + student_steps
+    full, rest = divmod(total_steps, cycle)
+    return full * student_steps + max(0, rest - generator_steps)
+
+
+class MateKD:
+    name = "matekd"
+
+    def __init__(self, student_engine, generator_engine, teacher, perturber: Perturber, *,
+                 regression: bool, temperature: float, loss_weights: list[float],
+                 generator_steps: int, student_steps: int):
+        self.student, self.generator, self.teacher = student_engine, generator_engine, teacher
+        self.perturber = perturber
+        self.regression, self.temperature = regression, temperature
+        self.weights = loss_weights
+        self.generator_steps, self.student_steps = generator_steps, student_steps
+
+    @property
+    def engines(self) -> dict:
+        return {"student": self.student, "generator": self.generator}
+
+    def phase(self, step: int) -> str:
+        return cycle_phase(step, self.generator_steps, self.student_steps)
+
+    def div(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        return divergence(student_logits, teacher_logits, self.temperature, self.regression)
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
+        micro_step = self.generator_micro_step if self.phase(step) == "generator" else self.student_micro_step
+        sums: dict[str, torch.Tensor] = {}
+        for batch, seed in zip(micro_batches, seeds):
+            for key, value in micro_step(batch, seed).items():
+                sums[key] = sums.get(key, 0.0) + value.detach()
+        return {k: v / len(micro_batches) for k, v in sums.items()}
+
+    # -- the max step -------------------------------------------------------------------------
+
+    def generator_micro_step(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        mb = self.perturber.mask_batch(batch, seed)
+        y = self.perturber.sample_soft(self.generator.module, mb, seed + 1)
+        student = self.student.module  # the bare module: the student engine must not see this backward
+        with frozen(student):
+            student_logits = student(inputs_embeds=soft_inputs_embeds(student, mb, y), **mb.model_kwargs()).logits
+        teacher_logits = self.teacher(inputs_embeds=soft_inputs_embeds(self.teacher, mb, y), **mb.model_kwargs()).logits
+        adversarial = self.div(student_logits, teacher_logits)
+        loss = -adversarial  # the generator maximises the divergence
+        self.generator.backward(loss)
+        self.generator.step()
+        return {"gen_div": adversarial, "masked_tokens": mb.mask.sum().float()}
+
+    # -- the min step -------------------------------------------------------------------------
+
+    def student_micro_step(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+        mb = self.perturber.mask_batch(batch, seed)
+        perturbed_ids = self.perturber.sample_perturbed_ids(self.generator.module, mb, seed + 1)
+        both = doubled(batch, perturbed_ids)  # one forward over clean ⊕ perturbed per model
+        with torch.no_grad():
+            teacher_clean, teacher_perturbed = self.teacher(**both).logits.chunk(2)
+        student_clean, student_perturbed = self.student(**both).logits.chunk(2)
+        ce = task_loss(student_clean, batch["labels"], self.regression)
+        div_clean = self.div(student_clean, teacher_clean)
+        div_perturbed = self.div(student_perturbed, teacher_perturbed)
+        w_ce, w_clean, w_perturbed = self.weights
+        loss = w_ce * ce + w_clean * div_clean + w_perturbed * div_perturbed
+        self.student.backward(loss)
+        self.student.step()
+        return {"loss": loss, "ce": ce, "div_clean": div_clean, "div_perturbed": div_perturbed}

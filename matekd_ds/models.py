@@ -1,0 +1,180 @@
+"""Teacher, student and generator: loading, the shared-vocabulary check, and the pieces of a
+masked LM that MATE-KD calls separately (encoder, MLM head, word embeddings)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+)
+
+from matekd_ds.errors import MatekdError
+
+BUILTIN_PREFIX = "builtin:"
+# name -> (layers, hidden, heads, ffn). Tiny enough for the 3-minute offline default on 2 cores.
+BUILTIN_SHAPES = {
+    "tiny-teacher": (4, 128, 4, 512),
+    "tiny-student": (1, 64, 2, 256),
+    "tiny-generator": (2, 64, 2, 256),
+}
+_BUILTIN_PATTERN = re.compile(r"bert-L(\d+)-H(\d+)(?:-A(\d+))?(?:-F(\d+))?$")
+
+
+def is_builtin(spec: str) -> bool:
+    return spec.startswith(BUILTIN_PREFIX)
+
+
+def builtin_config(spec: str, vocab_size: int, pad_token_id: int, max_positions: int = 512) -> BertConfig:
+    """`builtin:tiny-teacher` or `builtin:bert-L4-H256[-A4][-F1024]`: a BERT config, random init."""
+    name = spec[len(BUILTIN_PREFIX):]
+    if name in BUILTIN_SHAPES:
+        layers, hidden, heads, ffn = BUILTIN_SHAPES[name]
+    elif (match := _BUILTIN_PATTERN.match(name)):
+        layers, hidden = int(match[1]), int(match[2])
+        heads = int(match[3]) if match[3] else max(1, hidden // 64)
+        ffn = int(match[4]) if match[4] else 4 * hidden
+    else:
+        valid = ", ".join(BUILTIN_SHAPES)
+        raise MatekdError(f"unknown builtin model '{spec}' (valid: {valid}, or builtin:bert-L<layers>-H<hidden>)")
+    if hidden % heads:
+        raise MatekdError(f"builtin model '{spec}': hidden {hidden} is not divisible by {heads} heads")
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=max_positions,
+        pad_token_id=pad_token_id,
+    )
+
+
+def _pretrained(loader: Callable, role: str, spec: str, **kwargs) -> nn.Module:
+    try:
+        return loader(spec, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MatekdError(f"could not load the {role} from '{spec}': {first}") from None
+
+
+def load_classifier(role: str, spec: str, num_labels: int, tokenizer, regression: bool) -> nn.Module:
+    """Teacher or student: AutoModelForSequenceClassification from a path, hub id or builtin."""
+    problem = "regression" if regression else "single_label_classification"
+    if is_builtin(spec):
+        config = builtin_config(spec, len(tokenizer), tokenizer.pad_token_id)
+        config.num_labels, config.problem_type = num_labels, problem
+        return AutoModelForSequenceClassification.from_config(config)
+    model = _pretrained(
+        AutoModelForSequenceClassification.from_pretrained, role, spec,
+        num_labels=num_labels, problem_type=problem,
+    )
+    return model
+
+
+def load_generator(spec: str, tokenizer) -> nn.Module:
+    """The generator: AutoModelForMaskedLM. An encoder checkpoint without an MLM head gets a
+    fresh head whose decoder is tied to the word embeddings (transformers does the tying)."""
+    if is_builtin(spec):
+        config = builtin_config(spec, len(tokenizer), tokenizer.pad_token_id)
+        return AutoModelForMaskedLM.from_config(config)
+    return _pretrained(AutoModelForMaskedLM.from_pretrained, "generator", spec)
+
+
+def load_tokenizer(spec: str):
+    return _pretrained(AutoTokenizer.from_pretrained, "tokenizer", spec)
+
+
+def vocab_size(model: nn.Module) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def check_shared_vocabulary(models: dict[str, nn.Module], tokenizer) -> None:
+    """MATE-KD swaps token ids and one-hots between models: one vocabulary, or nothing works."""
+    sizes = {role: vocab_size(m) for role, m in models.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{role} {size}" for role, size in sizes.items())
+        raise MatekdError(f"vocabulary mismatch: {listed} embedding rows; the models must share one vocabulary")
+    size = next(iter(sizes.values()))
+    if len(tokenizer) > size:
+        raise MatekdError(f"the tokenizer has {len(tokenizer)} tokens but the models have only {size} embedding rows")
+    if tokenizer.mask_token_id is None:
+        raise MatekdError("the tokenizer has no mask token; MATE-KD's generator needs one")
+
+
+def check_tokenizers_agree(specs: dict[str, str], tokenizer) -> None:
+    """When several model directories ship tokenizers, they must be the same vocabulary."""
+    reference = tokenizer.get_vocab()
+    for role, spec in specs.items():
+        if is_builtin(spec):
+            continue
+        try:
+            other = AutoTokenizer.from_pretrained(spec)
+        except (OSError, ValueError, KeyError):
+            continue  # no tokenizer there: the embedding-size check still applies
+        if other.get_vocab() != reference:
+            raise MatekdError(f"vocabulary mismatch: the {role} '{spec}' has a different tokenizer vocabulary")
+
+
+def init_student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """DistilBERT-style: a student with the teacher's embeddings, head and the chosen layers."""
+    n_teacher = teacher.config.num_hidden_layers
+    if not layers or any(not 0 <= i < n_teacher for i in layers):
+        raise MatekdError(f"models.student_init_from_teacher_layers must pick layers in 0..{n_teacher - 1}, got {layers}")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    student = AutoModelForSequenceClassification.from_config(config)
+    source = {new: old for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        match = re.search(r"\.layer\.(\d+)\.", key)
+        if match is None:
+            state[key] = value
+            continue
+        old = int(match[1])
+        for new, picked in source.items():
+            if picked == old:
+                state[key.replace(f".layer.{old}.", f".layer.{new}.", 1)] = value
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "position_ids" not in k]:
+        raise MatekdError(f"could not initialise the student from teacher layers {layers}: missing {missing[:3]}")
+    return student
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator, split into encoder and MLM head so that logits are computed at masked rows only.
+
+
+@dataclass
+class MaskedLMParts:
+    encoder: nn.Module  # input_ids, attention_mask -> hidden states [B, L, H]
+    head: Callable[[torch.Tensor], torch.Tensor]  # hidden [M, H] -> logits [M, V]
+
+
+def masked_lm_parts(model: nn.Module) -> MaskedLMParts:
+    encoder = getattr(model, model.base_model_prefix, None)
+    for name in ("cls", "lm_head", "lm_predictions", "generator_lm_head"):
+        head = getattr(model, name, None)
+        if head is not None and encoder is not None:
+            if name == "generator_lm_head":  # ELECTRA splits its head in two
+                predictions = model.generator_predictions
+                return MaskedLMParts(encoder, lambda h: head(predictions(h)))
+            return MaskedLMParts(encoder, head)
+    if encoder is not None and hasattr(model, "vocab_projector"):  # DistilBERT
+        def distilbert_head(h):
+            h = model.activation(model.vocab_transform(h))
+            return model.vocab_projector(model.vocab_layer_norm(h))
+        return MaskedLMParts(encoder, distilbert_head)
+    raise MatekdError(
+        f"unsupported generator architecture {type(model).__name__}: cannot find its MLM head "
+        "(supported: BERT, RoBERTa/XLM-R, DeBERTa, ELECTRA, DistilBERT families)"
+    )
+
+
+def word_embeddings(model: nn.Module) -> torch.Tensor:
+    return model.get_input_embeddings().weight

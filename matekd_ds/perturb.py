@@ -1,0 +1,80 @@
+"""The generator's side of MATE-KD: rewrite the masked tokens of a batch.
+
+Two forms of the same perturbation:
+- `sample_perturbed_ids` (student steps): no gradient is needed, so the sampled tokens are fed
+  back as ids. No B×L×V one-hot, no matmul with the embeddings, no backward through anything.
+- `soft_inputs_embeds` (generator steps): the straight-through one-hot y [M, V] of the masked
+  rows only, times a model's word embeddings, replaces those rows' input embeddings so that the
+  divergence's gradient reaches the generator's logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from matekd_ds.kernels import gumbel_softmax_sample
+from matekd_ds.masking import apply_mask, choose_mask, maskable
+from matekd_ds.models import masked_lm_parts
+
+
+@dataclass
+class MaskedBatch:
+    input_ids: torch.Tensor  # [B, L] original ids
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
+    mask: torch.Tensor  # [B, L] bool: the positions the generator rewrites
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        kwargs = {"attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            kwargs["token_type_ids"] = self.token_type_ids
+        return kwargs
+
+
+class Perturber:
+    def __init__(self, special_ids: list[int], mask_token_id: int, mask_prob: float, tau: float):
+        self.special_ids = special_ids
+        self.mask_token_id = mask_token_id
+        self.mask_prob = mask_prob
+        self.tau = tau
+
+    def mask_batch(self, batch: dict[str, torch.Tensor], seed: int) -> MaskedBatch:
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        mask = choose_mask(ids, attention, self.special_ids, self.mask_prob, torch.Generator().manual_seed(seed))
+        if not mask.any():  # keep every step a real one: mask the first maskable token
+            candidates = maskable(ids, attention, self.special_ids).flatten()
+            if candidates.any():
+                mask.view(-1)[candidates.nonzero()[0]] = True
+        return MaskedBatch(ids, attention, batch.get("token_type_ids"), mask)
+
+    def masked_logits(self, generator: nn.Module, mb: MaskedBatch) -> torch.Tensor:
+        """Generator logits at the masked rows only: [M, V]. The encoder runs on the whole
+        batch, the MLM head (the H×V projection) only on the M masked rows."""
+        parts = masked_lm_parts(generator)
+        masked_ids = apply_mask(mb.input_ids, mb.mask, self.mask_token_id)
+        hidden = parts.encoder(input_ids=masked_ids, **mb.model_kwargs())[0]
+        return parts.head(hidden[mb.mask])
+
+    @torch.no_grad()
+    def sample_perturbed_ids(self, generator: nn.Module, mb: MaskedBatch, seed: int) -> torch.Tensor:
+        logits = self.masked_logits(generator, mb)
+        sampled, _ = gumbel_softmax_sample(logits, tau=self.tau, hard=True, seed=seed)
+        return mb.input_ids.masked_scatter(mb.mask, sampled)
+
+    def sample_soft(self, generator: nn.Module, mb: MaskedBatch, seed: int) -> torch.Tensor:
+        """The straight-through one-hot of the masked rows: [M, V], differentiable."""
+        logits = self.masked_logits(generator, mb)
+        _, y = gumbel_softmax_sample(logits, tau=self.tau, hard=True, seed=seed)
+        return y
+
+
+def soft_inputs_embeds(model: nn.Module, mb: MaskedBatch, y: torch.Tensor) -> torch.Tensor:
+    """Input embeddings of `model` with the masked rows replaced by y @ E (E = its word
+    embeddings). Only M rows go through the M×V×H product; the rest are a plain lookup."""
+    embedding = model.get_input_embeddings()
+    base = embedding(mb.input_ids)
+    rows = y.to(embedding.weight.dtype) @ embedding.weight
+    return base.masked_scatter(mb.mask.unsqueeze(-1), rows)

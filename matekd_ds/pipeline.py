@@ -1,0 +1,317 @@
+"""A whole run, in order: check every input, then (optionally) fine-tune the teacher, then train
+the student with ft/kd/matekd, export it, and write metrics.json.
+
+Everything that can be wrong with the user's input (config, data, models, DeepSpeed configs) is
+checked before the run directory is created, so bad input never leaves a half-written run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from matekd_ds import distributed, models
+from matekd_ds.checkpoint import Checkpointer, write_atomic
+from matekd_ds.config import RunConfig, dump_config, read_config_file
+from matekd_ds.data import TaskData, load_task_data
+from matekd_ds.data.batching import Encoded, TrainStream, encode
+from matekd_ds.data.tokenizer import train_wordpiece
+from matekd_ds.engines import (
+    EngineSpec, build_engine, finalize_ds_config, prepare_teacher, read_ds_config, resolve_dtype,
+    steps_from_epochs,
+)
+from matekd_ds.errors import MatekdError
+from matekd_ds.evaluation import evaluate, main_score
+from matekd_ds.methods import FineTune, KnowledgeDistillation, MateKD
+from matekd_ds.methods.matekd import count_student_steps
+from matekd_ds.monitor import Monitor, log, setup_logging
+from matekd_ds.perturb import Perturber
+from matekd_ds.trainer import LoopConfig, Trainer
+
+# Keys whose change makes a checkpoint meaningless: a resume must keep them.
+RESUME_LOCKED = ("task", "method", "models", "data")
+
+
+@dataclass
+class Prepared:
+    """Everything loaded and checked before the run directory is touched."""
+
+    cfg: RunConfig
+    data: TaskData
+    tokenizer: Any
+    train: Encoded
+    dev: dict[str, Encoded]
+    ds_configs: dict[str, dict[str, Any]]
+    dtype: str
+    teacher: torch.nn.Module
+    student: torch.nn.Module | None  # None: initialised from the teacher after its fine-tuning
+    generator: torch.nn.Module | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks and loading
+
+
+def load_run_tokenizer(cfg: RunConfig, data: TaskData, resume: bool):
+    saved = Path(cfg.output.dir) / "tokenizer"
+    if resume and saved.is_dir():  # a resumed run keeps the vocabulary its checkpoints were trained with
+        return models.load_tokenizer(str(saved))
+    if cfg.models.tokenizer:
+        return models.load_tokenizer(cfg.models.tokenizer)
+    if not models.is_builtin(cfg.models.teacher):
+        return models.load_tokenizer(cfg.models.teacher)
+    return train_wordpiece(data.texts, cfg.models.builtin_tokenizer_vocab_size)
+
+
+def prepare(cfg: RunConfig, resume: bool) -> Prepared:
+    data = load_task_data(cfg)
+    tokenizer = load_run_tokenizer(cfg, data, resume)
+    spec, regression = data.spec, data.spec.is_regression
+    train = encode(data.train, tokenizer, cfg.data.max_length, regression)
+    dev = {name: encode(rows, tokenizer, cfg.data.max_length, regression) for name, rows in data.dev.items()}
+
+    roles = ["student"] + (["generator"] if cfg.method == "matekd" else [])
+    raw = {role: read_ds_config(getattr(cfg.deepspeed, role)) for role in roles}
+    dtype = resolve_dtype(cfg.train.dtype, raw)
+    world = distributed.world_size()
+    clips = {"student": cfg.train.clip, "generator": cfg.matekd.generator_clip}
+    ds_configs = {
+        role: finalize_ds_config(
+            raw[role], micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.gradient_accumulation_steps,
+            world_size=world, clip=clips[role], dtype=dtype, zero_stage=cfg.train.zero_stage,
+        )
+        for role in roles
+    }
+    if dtype == "fp16" and distributed.device().type == "cpu":
+        raise MatekdError("fp16 training needs a GPU; on the CPU use train.dtype=bf16 or fp32")
+
+    num_labels = spec.num_labels
+    teacher_spec = _finetuned_teacher_path(cfg, resume) or cfg.models.teacher
+    teacher = models.load_classifier("teacher", teacher_spec, num_labels, tokenizer, regression)
+    student = None
+    if cfg.models.student_init_from_teacher_layers is None:
+        student = models.load_classifier("student", cfg.models.student, num_labels, tokenizer, regression)
+    generator = models.load_generator(cfg.models.generator, tokenizer) if cfg.method == "matekd" else None
+    checked = {"teacher": teacher, **({"student": student} if student is not None else {}),
+               **({"generator": generator} if generator is not None else {})}
+    models.check_shared_vocabulary(checked, tokenizer)
+    if not cfg.models.tokenizer:
+        models.check_tokenizers_agree({"student": cfg.models.student, "generator": cfg.models.generator}, tokenizer)
+
+    batches = TrainStream(len(train), cfg.train.micro_batch_size, 0, world, cfg.train.seed).batches_per_epoch
+    if batches == 0:
+        raise MatekdError(
+            f"the training set has {len(train)} examples, fewer than one global micro-batch "
+            f"({world} ranks x train.micro_batch_size {cfg.train.micro_batch_size})"
+        )
+    return Prepared(cfg, data, tokenizer, train, dev, ds_configs, dtype, teacher, student, generator)
+
+
+def _finetuned_teacher_path(cfg: RunConfig, resume: bool) -> str | None:
+    """A resumed run whose teacher phase already finished loads the exported teacher."""
+    path = Path(cfg.output.dir) / "teacher"
+    done = resume and cfg.models.teacher_finetune_epochs > 0 and (path / "config.json").is_file()
+    return str(path) if done else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+
+
+def open_run_dir(cfg: RunConfig, resume: bool) -> Path:
+    run_dir = Path(cfg.output.dir)
+    config_file = run_dir / "config.yaml"
+    if distributed.is_main():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if resume and config_file.is_file():
+                _check_resume_compatible(cfg, read_config_file(config_file))
+            elif cfg.output.overwrite:
+                # Never delete a user's trained model: the old run is moved aside, not removed.
+                aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                run_dir.rename(aside)
+                print(f"[matekd] moved the previous run aside to {aside}")
+            else:
+                raise MatekdError(
+                    f"output directory {run_dir} already holds files; pass --resume to continue that run "
+                    "or output.overwrite=true to move it aside"
+                )
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, config_file)
+    distributed.barrier()
+    return run_dir
+
+
+def _check_resume_compatible(cfg: RunConfig, saved: dict[str, Any]) -> None:
+    current = cfg.to_dict()
+    for key in RESUME_LOCKED:
+        if saved.get(key) != current[key]:
+            raise MatekdError(f"--resume: '{key}' differs from the run in {cfg.output.dir}; a checkpoint only resumes with the same {key}")
+
+
+def export_model(module: torch.nn.Module, tokenizer, path: Path) -> None:
+    """save_pretrained + tokenizer, written beside and renamed into place (rank 0)."""
+    if not distributed.is_main():
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    module.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _read_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    if distributed.is_main():
+        write_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+
+def _loop_config(cfg: RunConfig, phase: str, total_steps: int) -> LoopConfig:
+    return LoopConfig(
+        phase=phase, total_steps=total_steps, micro_batch=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.gradient_accumulation_steps, seed=cfg.train.seed,
+        eval_every=cfg.eval.every_steps, eval_batch=cfg.eval.batch_size,
+        checkpoint_every=cfg.output.checkpoint_every, log_every=cfg.logging.log_every,
+        progress=cfg.logging.progress,
+    )
+
+
+def _batches_per_epoch(p: Prepared) -> int:
+    return TrainStream(len(p.train), p.cfg.train.micro_batch_size, 0, distributed.world_size(), 0).batches_per_epoch
+
+
+def finetune_teacher(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool) -> dict[str, Any]:
+    cfg = p.cfg
+    total = steps_from_epochs(cfg.models.teacher_finetune_epochs, _batches_per_epoch(p), cfg.train.gradient_accumulation_steps)
+    engine = build_engine(p.teacher, EngineSpec(
+        "teacher", dict(p.ds_configs["student"]), cfg.models.teacher_finetune_lr, cfg.train.weight_decay,
+        total, warmup_steps=int(0.1 * total),
+    ))
+    method = FineTune(engine, p.data.spec.is_regression)
+    trainer = Trainer(method, engine.module, p.train, p.dev, p.data.spec, _loop_config(cfg, "teacher", total),
+                      Checkpointer(run_dir / "checkpoints" / "teacher", cfg.output.keep_checkpoints), monitor,
+                      p.tokenizer.pad_token_id, engine.device)
+    log.info(f"[teacher] fine-tuning for {total} steps")
+    state = trainer.fit(resume)
+    export_model(engine.module, p.tokenizer, run_dir / "teacher")
+    p.teacher = engine.module
+    engine.destroy()
+    distributed.barrier()
+    return {"dev": state.evaluations[-1]["dev"], "best": state.best, "steps": state.step,
+            "train_seconds": state.train_seconds}
+
+
+def build_method(p: Prepared, total_steps: int, teacher: torch.nn.Module):
+    cfg, regression = p.cfg, p.data.spec.is_regression
+    student_steps = total_steps
+    if cfg.method == "matekd":
+        student_steps = count_student_steps(total_steps, cfg.matekd.generator_steps, cfg.matekd.student_steps)
+    student_engine = build_engine(p.student, EngineSpec(
+        "student", p.ds_configs["student"], cfg.train.lr, cfg.train.weight_decay, max(1, student_steps),
+        warmup_steps=int(cfg.train.warmup_ratio * student_steps),
+    ))
+    if cfg.method == "ft":
+        return FineTune(student_engine, regression)
+    if cfg.method == "kd":
+        return KnowledgeDistillation(student_engine, teacher, regression, cfg.kd.alpha, cfg.kd.temperature)
+    m = cfg.matekd
+    generator_engine = build_engine(p.generator, EngineSpec(
+        "generator", p.ds_configs["generator"], m.generator_lr, 0.0,
+        max(1, total_steps - student_steps), schedule="constant",
+    ))
+    perturber = Perturber(p.tokenizer.all_special_ids, p.tokenizer.mask_token_id, m.mask_prob, m.gumbel_tau)
+    return MateKD(student_engine, generator_engine, teacher, perturber, regression=regression,
+                  temperature=m.temperature, loss_weights=m.loss_weights,
+                  generator_steps=m.generator_steps, student_steps=m.student_steps)
+
+
+def _param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
+    """The `matekd train` entry point (every rank runs it)."""
+    distributed.init()
+    setup_logging(None)
+    started = time.time()
+    torch.manual_seed(cfg.train.seed)  # the same random init on every rank
+    p = prepare(cfg, resume)
+    torch.manual_seed(cfg.train.seed + distributed.rank())  # per-rank dropout
+    run_dir = open_run_dir(cfg, resume)
+    previous = _read_metrics(run_dir) if resume else {}
+    setup_logging(run_dir / "logs" / "train.log")
+    if distributed.is_main() and not (run_dir / "tokenizer").exists():
+        p.tokenizer.save_pretrained(run_dir / "tokenizer")
+    monitor = Monitor(run_dir / "logs", cfg.logging.csv, cfg.logging.tensorboard)
+    device = distributed.device()
+    metrics: dict[str, Any] = {"status": "running", "task": p.data.spec.name, "method": cfg.method,
+                               "metric": p.data.spec.main_metric, "world_size": distributed.world_size(),
+                               "dtype": p.dtype}
+    write_metrics(run_dir, metrics)
+    log.info(f"task {p.data.spec.name}: {len(p.train)} train examples, "
+             + ", ".join(f"{k} {len(v)}" for k, v in p.dev.items()) + f"; method {cfg.method}; dtype {p.dtype}; "
+             f"{distributed.world_size()} rank(s); run directory {run_dir}")
+
+    if cfg.models.teacher_finetune_epochs > 0 and _finetuned_teacher_path(cfg, resume) is None:
+        metrics["teacher_finetune"] = finetune_teacher(p, run_dir, monitor, resume)
+    elif "teacher_finetune" in previous:
+        metrics["teacher_finetune"] = previous["teacher_finetune"]
+    teacher = prepare_teacher(p.teacher, p.dtype, device)
+    teacher_dev = evaluate(teacher, p.dev, p.data.spec, cfg.eval.batch_size, p.tokenizer.pad_token_id, device)
+    metrics["teacher"] = {"dev": teacher_dev, "params": _param_count(teacher)}
+    log.info(f"[teacher] dev {p.data.spec.main_metric} {main_score(teacher_dev):.4f}")
+
+    if p.student is None:
+        layers = cfg.models.student_init_from_teacher_layers
+        p.student = models.init_student_from_teacher(teacher, layers).float()
+        p.student.requires_grad_(True)
+    total = cfg.train.max_steps or steps_from_epochs(cfg.train.epochs, _batches_per_epoch(p), cfg.train.gradient_accumulation_steps)
+    method = build_method(p, total, teacher)
+    student_module = method.engines["student"].module
+    trainer = Trainer(
+        method, student_module, p.train, p.dev, p.data.spec, _loop_config(cfg, "student", total),
+        Checkpointer(run_dir / "checkpoints" / "student", cfg.output.keep_checkpoints), monitor,
+        p.tokenizer.pad_token_id, device,
+        on_best=(lambda: export_model(student_module, p.tokenizer, run_dir / "student_best")) if cfg.eval.save_best else None,
+    )
+    log.info(f"[student] {cfg.method} for {total} steps")
+    state = trainer.fit(resume)
+    export_model(student_module, p.tokenizer, run_dir / "student")
+    metrics.update({
+        "status": "completed",
+        "student": {"params": _param_count(student_module), "steps": state.step},
+        "final": state.evaluations[-1]["dev"],
+        "best": state.best,
+        "evaluations": state.evaluations,
+        "throughput": {
+            "samples_per_s": state.samples / max(state.train_seconds, 1e-9),
+            "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
+            "train_seconds": state.train_seconds,
+        },
+        "wall_seconds": time.time() - started,
+    })
+    write_metrics(run_dir, metrics)
+    monitor.close()
+    distributed.barrier()
+    return metrics

@@ -1,0 +1,43 @@
+"""The short table printed at the end of `matekd train`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from matekd_ds import distributed
+
+
+def _main(dev: dict[str, dict[str, float]]) -> str:
+    return " / ".join(f"{m['main']:.4f}" for m in dev.values())
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = [("model", "params", f"dev {metrics['metric']}", "train throughput")]
+    teacher = metrics["teacher"]
+    tf = metrics.get("teacher_finetune")
+    teacher_speed = f"{tf['steps']} ft steps in {tf['train_seconds']:.0f}s" if tf else "(given)"
+    rows.append(("teacher", _millions(teacher["params"]), _main(teacher["dev"]), teacher_speed))
+    best = metrics["best"]
+    student_metric = f"{_main(metrics['final'])} (best {_main(best['dev'])} @ step {best['step']})"
+    t = metrics["throughput"]
+    speed = f"{t['samples_per_s']:.0f} samples/s, {t['tokens_per_s']:.0f} tokens/s"
+    rows.append((f"student ({metrics['method']})", _millions(metrics["student"]["params"]), student_metric, speed))
+    return rows
+
+
+def print_summary(metrics: dict[str, Any], run_dir: str) -> None:
+    if not distributed.is_main():
+        return
+    rows = summary_rows(metrics)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    print()
+    print(line(rows[0]))
+    print("  ".join("-" * w for w in widths))
+    for row in rows[1:]:
+        print(line(row))
+    print(f"\nrun directory: {run_dir}  (student/, metrics.json, logs/; {metrics['wall_seconds']:.0f}s wall)")

@@ -1,0 +1,186 @@
+"""The training loop for one phase (teacher fine-tuning, or the student's ft/kd/matekd run):
+batches in, method steps, periodic evaluation, logging and checkpoints, resumable at any step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from matekd_ds import distributed
+from matekd_ds.checkpoint import Checkpointer
+from matekd_ds.data.batching import Encoded, TrainStream, collate
+from matekd_ds.evaluation import evaluate, main_score
+from matekd_ds.methods.common import to_device
+from matekd_ds.monitor import Monitor, log
+
+# Fault injection for the crash/resume tests: raise after this many steps of a phase.
+CRASH_ENV = "MATEKD_CRASH_AFTER_STEP"
+
+
+@dataclass
+class LoopConfig:
+    phase: str  # "teacher" or "student": names checkpoints and logged scalars
+    total_steps: int
+    micro_batch: int
+    grad_accum: int
+    seed: int
+    eval_every: int
+    eval_batch: int
+    checkpoint_every: int
+    log_every: int
+    progress: bool
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    train_seconds: float = 0.0
+    samples: int = 0
+    tokens: int = 0
+
+
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived: a checkpoint was written and the run can be resumed."""
+
+
+class Trainer:
+    def __init__(self, method, eval_model: torch.nn.Module, train: Encoded, dev: dict[str, Encoded], spec,
+                 loop: LoopConfig, checkpointer: Checkpointer, monitor: Monitor, pad_id: int,
+                 device: torch.device, on_best: Callable[[], None] | None = None):
+        self.method, self.eval_model = method, eval_model
+        self.train_data, self.dev, self.spec = train, dev, spec
+        self.loop, self.checkpointer, self.monitor = loop, checkpointer, monitor
+        self.pad_id, self.device, self.on_best = pad_id, device, on_best
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.stream = TrainStream(len(train), loop.micro_batch, self.rank, self.world, loop.seed)
+        self.state = LoopState()
+        self._stop_signal = False
+
+    # -- seeds: a pure function of (seed, phase, step, micro-batch, rank), so a resumed run
+    #    draws the same masks and Gumbel noise as an uninterrupted one.
+    def micro_seeds(self, step: int) -> list[int]:
+        base = (self.loop.seed * 1_000_003 + (0 if self.loop.phase == "teacher" else 7_919)) % (1 << 31)
+        return [
+            (base * 31 + step * 104_729 + micro * 1_299_709 + self.rank * 15_485_863) % (1 << 62)
+            for micro in range(self.loop.grad_accum)
+        ]
+
+    def fit(self, resume: bool) -> LoopState:
+        if resume:
+            self._restore()
+        batches = self.stream.batches(start=self.state.step * self.loop.grad_accum)
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=self.loop.total_steps, initial=self.state.step, desc=self.loop.phase,
+                   disable=not (self.loop.progress and distributed.is_main()), dynamic_ncols=True)
+        try:
+            self._run(batches, bar)
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self.state
+
+    def _run(self, batches, bar) -> None:
+        window: dict[str, list] = {}  # scalar name -> [sum, count]
+        crash_at = int(os.environ.get(CRASH_ENV, "0"))
+        while self.state.step < self.loop.total_steps:
+            step = self.state.step
+            started = time.perf_counter()
+            cpu_batches = [collate(self.train_data, next(batches), self.pad_id) for _ in range(self.loop.grad_accum)]
+            micro = [to_device(b, self.device) for b in cpu_batches]
+            losses = self.method.train_step(micro, step, self.micro_seeds(step))
+            self.state.step += 1
+            self.state.train_seconds += time.perf_counter() - started
+            self.state.samples += sum(len(b["input_ids"]) for b in cpu_batches) * self.world
+            self.state.tokens += int(sum(b["attention_mask"].sum() for b in cpu_batches)) * self.world
+            for key, value in losses.items():
+                entry = window.setdefault(f"{self.method.phase(step)}/{key}", [0.0, 0])
+                entry[0], entry[1] = entry[0] + value, entry[1] + 1
+            bar.update(1)
+            last = self.state.step == self.loop.total_steps
+            if self.state.step % self.loop.log_every == 0 or last:
+                self._log_window(window, bar)
+                window = {}
+            if (self.loop.eval_every and self.state.step % self.loop.eval_every == 0) or last:
+                self.run_evaluation()
+            if (self.loop.checkpoint_every and self.state.step % self.loop.checkpoint_every == 0) or last:
+                self.save()
+            if crash_at and self.state.step == crash_at:
+                raise RuntimeError(f"{CRASH_ENV}={crash_at}: simulated crash")
+            if self._should_stop():
+                self.save()
+                raise StopRequested(f"stopped at step {self.state.step}; continue with --resume")
+
+    def _should_stop(self) -> bool:
+        """Every rank must stop at the same step: agree on it at logging steps (a collective)."""
+        if self.world == 1:
+            return self._stop_signal
+        return self.state.step % self.loop.log_every == 0 and distributed.any_rank(self._stop_signal)
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_signal:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self._stop_signal = True
+        log.warning("stop requested: saving a checkpoint at the next step boundary")
+
+    def _log_window(self, window: dict[str, list], bar) -> None:
+        # .item() happens here, once per window, not once per step.
+        scalars = {name: float(total) / count for name, (total, count) in window.items()}
+        scalars[f"{self.loop.phase}/lr"] = self._lr()
+        scalars[f"{self.loop.phase}/samples_per_s"] = self.state.samples / max(self.state.train_seconds, 1e-9)
+        self.monitor.write(self.state.step, scalars)
+        shown = {k.split("/", 1)[1]: f"{v:.4g}" for k, v in scalars.items() if k.endswith(("loss", "gen_div"))}
+        bar.set_postfix(shown, refresh=False)
+
+    def _lr(self) -> float:
+        engine = self.method.engines["student"]
+        return float(engine.get_lr()[0])
+
+    def run_evaluation(self) -> dict[str, Any]:
+        results = evaluate(self.eval_model, self.dev, self.spec, self.loop.eval_batch, self.pad_id, self.device)
+        record = {"step": self.state.step, "phase": self.loop.phase, "dev": results}
+        self.state.evaluations.append(record)
+        score = main_score(results)
+        improved = self.state.best is None or score > main_score(self.state.best["dev"])
+        if improved:
+            self.state.best = record
+            if self.on_best is not None:
+                self.on_best()
+        flat = {f"{self.loop.phase}_eval/{split}_{name}": value
+                for split, metrics in results.items() for name, value in metrics.items()}
+        self.monitor.write(self.state.step, flat)
+        summary = ", ".join(f"{split} {self.spec.main_metric} {m['main']:.4f}" for split, m in results.items())
+        log.info(f"[{self.loop.phase}] step {self.state.step}/{self.loop.total_steps}: {summary}{' (best)' if improved else ''}")
+        return record
+
+    def save(self) -> None:
+        self.checkpointer.save(self.method.engines, self.state.step, self._state_dict())
+
+    def _state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.state.step, "evaluations": self.state.evaluations, "best": self.state.best,
+            "train_seconds": self.state.train_seconds, "samples": self.state.samples, "tokens": self.state.tokens,
+            "world_size": self.world, "grad_accum": self.loop.grad_accum, "micro_batch": self.loop.micro_batch,
+        }
+
+    def _restore(self) -> None:
+        saved = self.checkpointer.load(self.method.engines)
+        if saved is None:
+            return
+        if saved["micro_batch"] * saved["world_size"] != self.loop.micro_batch * self.world:
+            log.warning("resuming with a different global micro-batch: the data position is approximate")
+        self.state = LoopState(
+            step=saved["step"], evaluations=saved["evaluations"], best=saved["best"],
+            train_seconds=saved["train_seconds"], samples=saved["samples"], tokens=saved["tokens"],
+        )
+        log.info(f"[{self.loop.phase}] resumed at step {self.state.step}")
