@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "triton>=3.0"],
+        "test": ["pytest>=8", "triton>=3.0", "scipy"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["matekd=matekd_ds.cli:main"]},

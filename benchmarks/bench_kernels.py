@@ -194,7 +194,8 @@ def bench_impl(make_loss, inputs, grad, device, repeats, warmup):
     clear()
     fwd_bwd_ms = median_ms(fwd_bwd, device, repeats, warmup, setup=clear)
     clear()
-    return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "peak_extra_mib": peak_extra_mib(fwd_bwd, device)}
+    peak = peak_extra_mib(fwd_bwd, device)
+    return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "peak_extra_mib": peak}
 
 
 def add_bandwidth(result, n_elems, elem_bytes, byte_model, peak_gbps):
@@ -312,7 +313,8 @@ def print_case(entry, peak_gbps):
         if "error" in res:
             print(f"{impl:<28}skipped/failed: {res['error']}")
             continue
-        line = f"{impl:<28}{res['fwd_ms']:>10.3f}{res['bwd_ms']:>10.3f}{res['fwd_bwd_ms']:>10.3f}{res['fwd_bwd_gbps']:>10.1f}"
+        line = f"{impl:<28}{res['fwd_ms']:>10.3f}{res['bwd_ms']:>10.3f}{res['fwd_bwd_ms']:>10.3f}"
+        line += f"{res['fwd_bwd_gbps']:>10.1f}"
         line += f"{res['fwd_bwd_pct_peak']:>7.1f}" if peak_gbps else ""
         print(line + f"{_fmt(res['peak_extra_mib'], '.1f'):>10}")
 
@@ -365,12 +367,14 @@ def main(argv=None):
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if on_gpu else "fp32")]
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtype = dtypes[args.dtype or ("bf16" if on_gpu else "fp32")]
     repeats = args.repeats or ((10 if on_gpu else 3) if args.quick else (50 if on_gpu else 10))
     warmup = 2 if args.quick else 5
     info = device_info(device)
     kernels = load_kernels()
-    print(f"device: {info['name']}" + ("" if on_gpu else "  -> CPU run: torch paths only (Triton would be interpreted)"))
+    cpu_note = "  -> CPU run: torch paths only (Triton would be interpreted)"
+    print(f"device: {info['name']}" + ("" if on_gpu else cpu_note))
 
     compile_skip = ""
     if args.no_compile:
@@ -393,7 +397,8 @@ def main(argv=None):
             impls = mse_impls(compile_fn)
         entry = run_case(case, impls, device, dtype, repeats, warmup, info["peak_hbm_gbps"])
         if op == "mse":
-            entry["note"] = (entry["note"] + "; " if entry["note"] else "") + "C=1 regression: MSE on logits (kernels need C>=2)"
+            mse_note = "C=1 regression: MSE on logits (kernels need C>=2)"
+            entry["note"] = f"{entry['note']}; {mse_note}" if entry["note"] else mse_note
         entries.append(entry)
         print_case(entry, info["peak_hbm_gbps"])
 

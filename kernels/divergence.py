@@ -39,13 +39,13 @@ def _scaled_block(ptr, cols, mask, inv_temp):
 
 @jit
 def _divergence_fwd_kernel(
-    S, stride_s, T, stride_t, LOSS, M_S, LOGD_S, M_T, LOGD_T,
+    STU, stride_s, TEA, stride_t, LOSS, M_S, LOGD_S, M_T, LOGD_T,
     C, inv_temp,
     IS_KL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = S + row * stride_s
-    t_row = T + row * stride_t
+    s_row = STU + row * stride_s
+    t_row = TEA + row * stride_t
     # Finite start for the maxima: exp(m_old - m_new) stays defined when a block is all -inf.
     m_s = -1.0e30
     m_t = -1.0e30
@@ -88,14 +88,14 @@ def _divergence_fwd_kernel(
 
 @jit
 def _divergence_bwd_kernel(
-    S, stride_s, T, stride_t, DS, stride_ds, DT, stride_dt,
+    STU, stride_s, TEA, stride_t, DS, stride_ds, DT, stride_dt,
     GRAD, LOSS, M_S, LOGD_S, M_T, LOGD_T,
     C, inv_temp,
     IS_KL: tl.constexpr, NEED_DS: tl.constexpr, NEED_DT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    s_row = S + row * stride_s
-    t_row = T + row * stride_t
+    s_row = STU + row * stride_s
+    t_row = TEA + row * stride_t
     g = tl.load(GRAD + row).to(tl.float32) * inv_temp  # chain rule through s' = s / T
     loss = tl.load(LOSS + row)
     m_s = tl.load(M_S + row)

@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model (or a run directory's student) on the task's dev sets")
     ev.add_argument("model", help="a run directory, or a model path / hub id")
     ev.add_argument("--config", help="run config giving the task and data (default: the run directory's)")
+    ev.add_argument("--output", help="also write the results to this JSON file")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task=sst2 data.path=DIR")
     return parser
 
@@ -75,8 +76,11 @@ def _eval(args) -> int:
     from matekd_ds import evaluation_cli
 
     results = evaluation_cli.evaluate_model(args.model, args.config, args.overrides)
-    if results is not None:
-        print(json.dumps(results, indent=2))
+    if results is not None:  # rank 0
+        text = json.dumps(results, indent=2)
+        print(text)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
     return 0
 
 

@@ -34,12 +34,18 @@ def init() -> None:
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
 
 
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# Before init() these read the launcher's environment, so inputs can be checked (and rejected)
+# before DeepSpeed is imported and the process group formed.
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def is_main() -> bool:
@@ -47,7 +53,7 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
-    if world_size() > 1:
+    if _initialized() and world_size() > 1:
         dist.barrier()
 
 

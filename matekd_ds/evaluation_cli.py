@@ -31,12 +31,12 @@ def evaluate_model(target: str, config: str | None, overrides: list[str]) -> dic
     cfg = load_config(config, overrides)
     if cfg.task == "synthetic" and models.is_builtin(model_path):
         raise MatekdError("give a trained model or run directory to evaluate")
-    distributed.init()
     data = load_task_data(cfg)
     tokenizer = models.load_tokenizer(model_path)
     spec = data.spec
     dev = {name: encode(rows, tokenizer, cfg.data.max_length, spec.is_regression) for name, rows in data.dev.items()}
     model = models.load_classifier("model", model_path, spec.num_labels, tokenizer, spec.is_regression)
+    distributed.init()  # after every input check: bad input exits before any rank waits on another
     device = distributed.device()
     model.to(device)
     with torch.no_grad():

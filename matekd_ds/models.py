@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +56,14 @@ def builtin_config(spec: str, vocab_size: int, pad_token_id: int, max_positions:
     )
 
 
+def _looks_like_path(spec: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else is meant as a local path.
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or Path(spec).exists()
+
+
 def _pretrained(loader: Callable, role: str, spec: str, **kwargs) -> nn.Module:
+    if _looks_like_path(spec) and not Path(spec).expanduser().exists():
+        raise MatekdError(f"could not load the {role} from '{spec}': no such file or directory")
     try:
         return loader(spec, **kwargs)
     except (OSError, ValueError, KeyError) as err:
@@ -86,8 +94,8 @@ def load_generator(spec: str, tokenizer) -> nn.Module:
     return _pretrained(AutoModelForMaskedLM.from_pretrained, "generator", spec)
 
 
-def load_tokenizer(spec: str):
-    return _pretrained(AutoTokenizer.from_pretrained, "tokenizer", spec)
+def load_tokenizer(spec: str, role: str = "tokenizer"):
+    return _pretrained(AutoTokenizer.from_pretrained, role, spec)
 
 
 def vocab_size(model: nn.Module) -> int:

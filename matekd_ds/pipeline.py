@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from matekd_ds import distributed, models
 from matekd_ds.checkpoint import Checkpointer, write_atomic
@@ -66,7 +67,7 @@ def load_run_tokenizer(cfg: RunConfig, data: TaskData, resume: bool):
     if cfg.models.tokenizer:
         return models.load_tokenizer(cfg.models.tokenizer)
     if not models.is_builtin(cfg.models.teacher):
-        return models.load_tokenizer(cfg.models.teacher)
+        return models.load_tokenizer(cfg.models.teacher, role="teacher")
     return train_wordpiece(data.texts, cfg.models.builtin_tokenizer_vocab_size)
 
 
@@ -89,7 +90,7 @@ def prepare(cfg: RunConfig, resume: bool) -> Prepared:
         )
         for role in roles
     }
-    if dtype == "fp16" and distributed.device().type == "cpu":
+    if dtype == "fp16" and not torch.cuda.is_available():
         raise MatekdError("fp16 training needs a GPU; on the CPU use train.dtype=bf16 or fp32")
 
     num_labels = spec.num_labels
@@ -125,25 +126,31 @@ def _finetuned_teacher_path(cfg: RunConfig, resume: bool) -> str | None:
 # The run directory
 
 
+def check_run_dir(cfg: RunConfig, resume: bool) -> None:
+    """Every rank checks before any rank writes (init() in between is a rendezvous)."""
+    run_dir = Path(cfg.output.dir)
+    if not (run_dir.exists() and any(run_dir.iterdir())):
+        return
+    if resume and (run_dir / "config.yaml").is_file():
+        _check_resume_compatible(cfg, read_config_file(run_dir / "config.yaml"))
+    elif not cfg.output.overwrite:
+        raise MatekdError(
+            f"output directory {run_dir} already holds files; pass --resume to continue that run "
+            "or output.overwrite=true to move it aside"
+        )
+
+
 def open_run_dir(cfg: RunConfig, resume: bool) -> Path:
     run_dir = Path(cfg.output.dir)
-    config_file = run_dir / "config.yaml"
     if distributed.is_main():
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if resume and config_file.is_file():
-                _check_resume_compatible(cfg, read_config_file(config_file))
-            elif cfg.output.overwrite:
-                # Never delete a user's trained model: the old run is moved aside, not removed.
-                aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                run_dir.rename(aside)
-                print(f"[matekd] moved the previous run aside to {aside}")
-            else:
-                raise MatekdError(
-                    f"output directory {run_dir} already holds files; pass --resume to continue that run "
-                    "or output.overwrite=true to move it aside"
-                )
+        fresh = not (resume and (run_dir / "config.yaml").is_file())
+        if fresh and run_dir.exists() and any(run_dir.iterdir()):
+            # output.overwrite: never delete a user's trained model; move the old run aside.
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"[matekd] moved the previous run aside to {aside}")
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, config_file)
+        dump_config(cfg, run_dir / "config.yaml")
     distributed.barrier()
     return run_dir
 
@@ -252,11 +259,13 @@ def _param_count(module: torch.nn.Module) -> int:
 
 def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """The `matekd train` entry point (every rank runs it)."""
-    distributed.init()
     setup_logging(None)
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
     started = time.time()
     torch.manual_seed(cfg.train.seed)  # the same random init on every rank
-    p = prepare(cfg, resume)
+    p = prepare(cfg, resume)  # all input checks, before DeepSpeed and the process group start
+    check_run_dir(cfg, resume)
+    distributed.init()
     torch.manual_seed(cfg.train.seed + distributed.rank())  # per-rank dropout
     run_dir = open_run_dir(cfg, resume)
     previous = _read_metrics(run_dir) if resume else {}

@@ -61,7 +61,8 @@ def _compare_on_noise(logits, tau, hard, noise=None, seed=0):
     grad_y = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, logits.dtype)
     if noise is None:
         ref_noise = _triton_gumbel_noise(logits.shape, seed, DEVICE)
-        out = _sample_and_grad(lambda x: gumbel_softmax_sample(x, tau, hard, seed=seed, backend="triton"), logits, grad_y)
+        sample = lambda x: gumbel_softmax_sample(x, tau, hard, seed=seed, backend="triton")  # noqa: E731
+        out = _sample_and_grad(sample, logits, grad_y)
     else:
         ref_noise = noise
         out = _sample_and_grad(lambda x: _gumbel_softmax_triton(x, tau, hard, noise=noise), logits, grad_y)
@@ -190,8 +191,11 @@ def test_zero_grad_rows_give_zero_grad():
 def test_hard_is_exact_one_hot_with_soft_gradient(backend):
     logits, tau = _logits(4, 500), 0.6
     grad_y = torch.randn(logits.shape).to(DEVICE)
-    ids_h, y_h, dx_h = _sample_and_grad(lambda x: gumbel_softmax_sample(x, tau, True, seed=42, backend=backend), logits, grad_y)
-    ids_s, y_s, dx_s = _sample_and_grad(lambda x: gumbel_softmax_sample(x, tau, False, seed=42, backend=backend), logits, grad_y)
+    def sample(hard):
+        return lambda x: gumbel_softmax_sample(x, tau, hard, seed=42, backend=backend)
+
+    ids_h, y_h, dx_h = _sample_and_grad(sample(True), logits, grad_y)
+    ids_s, y_s, dx_s = _sample_and_grad(sample(False), logits, grad_y)
     assert torch.equal(y_h, torch.nn.functional.one_hot(ids_h, 500).to(y_h.dtype))
     assert torch.equal(y_h.argmax(-1), ids_h)
     assert torch.equal(ids_h, ids_s) and torch.equal(y_s.argmax(-1), ids_s)
