@@ -51,7 +51,7 @@ class Prepared:
     dev: dict[str, Encoded]
     ds_configs: dict[str, dict[str, Any]]
     dtype: str
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None  # None: method ft, no teacher needed
     student: torch.nn.Module | None  # None: initialised from the teacher after its fine-tuning
     generator: torch.nn.Module | None
 
@@ -66,9 +66,16 @@ def load_run_tokenizer(cfg: RunConfig, data: TaskData, resume: bool):
         return models.load_tokenizer(str(saved))
     if cfg.models.tokenizer:
         return models.load_tokenizer(cfg.models.tokenizer)
-    if not models.is_builtin(cfg.models.teacher):
-        return models.load_tokenizer(cfg.models.teacher, role="teacher")
+    for role in ("teacher", "student") if uses_teacher(cfg) else ("student",):
+        spec = getattr(cfg.models, role)
+        if not models.is_builtin(spec):
+            return models.load_tokenizer(spec, role=role)
     return train_wordpiece(data.texts, cfg.models.builtin_tokenizer_vocab_size)
+
+
+def uses_teacher(cfg: RunConfig) -> bool:
+    """Plain fine-tuning needs no teacher, unless the student is cut from one."""
+    return cfg.method != "ft" or cfg.models.student_init_from_teacher_layers is not None
 
 
 def prepare(cfg: RunConfig, resume: bool) -> Prepared:
@@ -94,14 +101,16 @@ def prepare(cfg: RunConfig, resume: bool) -> Prepared:
         raise MatekdError("fp16 training needs a GPU; on the CPU use train.dtype=bf16 or fp32")
 
     num_labels = spec.num_labels
-    teacher_spec = _finetuned_teacher_path(cfg, resume) or cfg.models.teacher
-    teacher = models.load_classifier("teacher", teacher_spec, num_labels, tokenizer, regression)
+    teacher = None
+    if uses_teacher(cfg):
+        teacher_spec = _finetuned_teacher_path(cfg, resume) or cfg.models.teacher
+        teacher = models.load_classifier("teacher", teacher_spec, num_labels, tokenizer, regression)
     student = None
     if cfg.models.student_init_from_teacher_layers is None:
         student = models.load_classifier("student", cfg.models.student, num_labels, tokenizer, regression)
     generator = models.load_generator(cfg.models.generator, tokenizer) if cfg.method == "matekd" else None
-    checked = {"teacher": teacher, **({"student": student} if student is not None else {}),
-               **({"generator": generator} if generator is not None else {})}
+    checked = {role: m for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
+               if m is not None}
     models.check_shared_vocabulary(checked, tokenizer)
     if not cfg.models.tokenizer:
         models.check_tokenizers_agree({"student": cfg.models.student, "generator": cfg.models.generator}, tokenizer)
@@ -282,14 +291,16 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
              + ", ".join(f"{k} {len(v)}" for k, v in p.dev.items()) + f"; method {cfg.method}; dtype {p.dtype}; "
              f"{distributed.world_size()} rank(s); run directory {run_dir}")
 
-    if cfg.models.teacher_finetune_epochs > 0 and _finetuned_teacher_path(cfg, resume) is None:
-        metrics["teacher_finetune"] = finetune_teacher(p, run_dir, monitor, resume)
-    elif "teacher_finetune" in previous:
-        metrics["teacher_finetune"] = previous["teacher_finetune"]
-    teacher = prepare_teacher(p.teacher, p.dtype, device)
-    teacher_dev = evaluate(teacher, p.dev, p.data.spec, cfg.eval.batch_size, p.tokenizer.pad_token_id, device)
-    metrics["teacher"] = {"dev": teacher_dev, "params": _param_count(teacher)}
-    log.info(f"[teacher] dev {p.data.spec.main_metric} {main_score(teacher_dev):.4f}")
+    teacher = None
+    if p.teacher is not None:
+        if cfg.models.teacher_finetune_epochs > 0 and _finetuned_teacher_path(cfg, resume) is None:
+            metrics["teacher_finetune"] = finetune_teacher(p, run_dir, monitor, resume)
+        elif "teacher_finetune" in previous:
+            metrics["teacher_finetune"] = previous["teacher_finetune"]
+        teacher = prepare_teacher(p.teacher, p.dtype, device)
+        teacher_dev = evaluate(teacher, p.dev, p.data.spec, cfg.eval.batch_size, p.tokenizer.pad_token_id, device)
+        metrics["teacher"] = {"dev": teacher_dev, "params": _param_count(teacher)}
+        log.info(f"[teacher] dev {p.data.spec.main_metric} {main_score(teacher_dev):.4f}")
 
     if p.student is None:
         layers = cfg.models.student_init_from_teacher_layers

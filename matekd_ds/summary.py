@@ -17,10 +17,11 @@ def _millions(n: int) -> str:
 
 def summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = [("model", "params", f"dev {metrics['metric']}", "train throughput")]
-    teacher = metrics["teacher"]
-    tf = metrics.get("teacher_finetune")
-    teacher_speed = f"{tf['steps']} ft steps in {tf['train_seconds']:.0f}s" if tf else "(given)"
-    rows.append(("teacher", _millions(teacher["params"]), _main(teacher["dev"]), teacher_speed))
+    teacher = metrics.get("teacher")
+    if teacher is not None:
+        tf = metrics.get("teacher_finetune")
+        teacher_speed = f"{tf['steps']} ft steps in {tf['train_seconds']:.0f}s" if tf else "(given)"
+        rows.append(("teacher", _millions(teacher["params"]), _main(teacher["dev"]), teacher_speed))
     best = metrics["best"]
     student_metric = f"{_main(metrics['final'])} (best {_main(best['dev'])} @ step {best['step']})"
     t = metrics["throughput"]

@@ -103,8 +103,10 @@ class Trainer:
             self.state.train_seconds += time.perf_counter() - started
             self.state.samples += sum(len(b["input_ids"]) for b in cpu_batches) * self.world
             self.state.tokens += int(sum(b["attention_mask"].sum() for b in cpu_batches)) * self.world
+            # Student runs log per engine ("generator/gen_div", "student/loss"); teacher runs "teacher/...".
+            prefix = self.method.phase(step) if self.loop.phase == "student" else self.loop.phase
             for key, value in losses.items():
-                entry = window.setdefault(f"{self.method.phase(step)}/{key}", [0.0, 0])
+                entry = window.setdefault(f"{prefix}/{key}", [0.0, 0])
                 entry[0], entry[1] = entry[0] + value, entry[1] + 1
             bar.update(1)
             last = self.state.step == self.loop.total_steps

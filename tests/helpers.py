@@ -97,6 +97,7 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, ranks: int = 1,
         command = [sys.executable, "-m", "matekd_ds", *args]
     else:
         port = str(distributed._free_port())
-        command = ["deepspeed", "--num_gpus", str(ranks), "--master_port", port, "--module", "matekd_ds", *args]
+        launcher = str(Path(sys.executable).parent / "deepspeed")  # this environment's launcher
+        command = [launcher, "--num_gpus", str(ranks), "--master_port", port, "--module", "matekd_ds", *args]
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -118,3 +118,37 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     ma, mb = _metrics(whole), _metrics(broken)
     assert ma["evaluations"] == mb["evaluations"]
     assert ma["teacher"]["dev"] == mb["teacher"]["dev"]
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = ["task=synthetic", "data.synthetic.train_size=200", "data.synthetic.dev_size=20",
+            "models.teacher_finetune_epochs=0.1", "train.max_steps=100000", "train.micro_batch_size=4",
+            "output.checkpoint_every=0", "eval.every_steps=0", "logging.log_every=1", "logging.progress=false",
+            f"output.dir={out}"]
+    proc = subprocess.Popen([sys.executable, "-m", "matekd_ds", "train", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scalars = out / "logs" / "scalars.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if scalars.is_file() and "student/" in scalars.read_text():
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "continue with --resume" in stderr
+    tag = (out / "checkpoints/student/LATEST").read_text()
+    stopped_at = int(tag.split("_")[1])
+    assert stopped_at >= 1
+
+    resumed = run_cli(["train", "--resume", *args[:4], "train.max_steps=" + str(stopped_at + 3), *args[5:]],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {stopped_at}" in resumed.stderr
+    assert _metrics(out)["student"]["steps"] == stopped_at + 3
