@@ -99,14 +99,19 @@ def preset(family: str, vocab: int, sizes: dict, teacher: str, batch: int, seq: 
                   "ds_config": "zero0", "lr": 2e-5, "weight_decay": 0.01, "clip": 5.0},
         "matekd": {"generator_lr": 5e-7, "generator_clip": 5.0, "generator_steps": 1, "student_steps": 10,
                    "mask_prob": 0.3, "tau": 1.0, "temperature": 1.0},
+        # The project's train.cache_teacher_logits (its default: on): the frozen teacher's clean
+        # logits come from a table built once, before timing, as the pipeline does per run.
+        "project": {"cache_teacher_logits": True},
         "data": {"mean_length_fraction": 0.45, "length_sigma": 0.5, "min_length": 8, "pad_to_longest": False},
-        "bench": {"repeats": repeats, "cycles": 1, "seed": 0, "profile_student_steps": 2},
+        # threads: torch intra-op threads, 0 = torch's default (on a shared CPU, 1 avoids the
+        # OpenMP stalls of a thread descheduled by other processes; both sides use the same).
+        "bench": {"repeats": repeats, "cycles": 1, "seed": 0, "profile_student_steps": 1, "threads": 0},
         "sweeps": sweeps,
     }
 
 
 PRESETS = {
-    "cpu-tiny": preset("bert", 8192, BERT_TINY, "base", 8, 32, "fp32", 3,
+    "cpu-tiny": preset("bert", 4096, BERT_TINY, "base", 8, 32, "fp32", 2,
                        {"seq": [16, 32, 64], "batch": [4, 8, 16], "teacher": ["distil", "base", "large"]}),
     "cpu-small": preset("bert", 30522, BERT_CPU, "base", 16, 64, "fp32", 3,
                         {"seq": [32, 64, 128], "batch": [8, 16, 32], "teacher": ["distil", "base", "large"]}),
@@ -210,7 +215,9 @@ def synthetic_batches(config: dict, count: int, device: torch.device) -> list[di
         if d["pad_to_longest"]:
             ids, attention = ids[:, :int(lengths.max())], attention[:, :int(lengths.max())]
         labels = torch.randint(config["models"]["num_labels"], (batch,), generator=rng)
-        batches.append({"input_ids": ids.to(device), "attention_mask": attention.to(device), "labels": labels.to(device)})
+        index = torch.arange(len(batches) * batch, (len(batches) + 1) * batch)  # example ids (teacher table)
+        batches.append({"input_ids": ids.to(device), "attention_mask": attention.to(device),
+                        "labels": labels.to(device), "index": index.to(device)})
     return batches
 
 
@@ -237,7 +244,28 @@ def ds_engine_config(config: dict, clip: float) -> dict:
                               world_size=1, clip=clip, dtype=t["dtype"], zero_stage=t["zero_stage"])
 
 
-def build_project(config: dict, models: dict[str, nn.Module], device: torch.device) -> Side:
+def clean_teacher(teacher: nn.Module, batches, cache: bool):
+    """The project's CleanTeacher; with `cache`, its table of clean logits for these batches."""
+    try:
+        from matekd_ds.methods.common import CleanTeacher
+    except ImportError:  # an older MateKD that takes the bare teacher and has no table
+        if cache:
+            raise SystemExit("this matekd_ds has no clean-teacher table: run with project.cache_teacher_logits=false")
+        return teacher
+    if not cache:
+        return CleanTeacher(teacher)
+    count = sum(len(b["index"]) for b in batches)
+    table = None
+    with torch.no_grad():
+        for batch in batches:
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            if table is None:
+                table = torch.zeros(count, logits.shape[-1], device=logits.device)
+            table[batch["index"]] = logits
+    return CleanTeacher(teacher, table)
+
+
+def build_project(config: dict, models: dict[str, nn.Module], device: torch.device, batches) -> Side:
     from matekd_ds.engines import EngineSpec, build_engine, prepare_teacher
     from matekd_ds.methods import MateKD
     from matekd_ds.perturb import Perturber
@@ -251,7 +279,8 @@ def build_project(config: dict, models: dict[str, nn.Module], device: torch.devi
     teacher = prepare_teacher(models["teacher"], t["dtype"], device)
     special = SPECIAL_IDS[config["models"]["family"]]
     perturber = Perturber(sorted(set(special.values())), special["mask"], mk["mask_prob"], mk["tau"])
-    method = MateKD(student, generator, teacher, perturber, regression=False, temperature=mk["temperature"],
+    method = MateKD(student, generator, clean_teacher(teacher, batches, config["project"]["cache_teacher_logits"]),
+                    perturber, regression=False, temperature=mk["temperature"],
                     loss_weights=[1 / 3, 1 / 3, 1 / 3], generator_steps=mk["generator_steps"],
                     student_steps=mk["student_steps"])
     step = lambda batch, i, seed: method.train_step([batch], i, [seed])  # noqa: E731
@@ -272,7 +301,7 @@ def build_reference(config: dict, models: dict[str, nn.Module], device: torch.de
     return Side("reference", method, models, method.train_step)
 
 
-def build_sides(config: dict, device: torch.device) -> tuple[Side, Side]:
+def build_sides(config: dict, device: torch.device, batches) -> tuple[Side, Side]:
     from matekd_ds import distributed
 
     distributed.init()
@@ -280,7 +309,7 @@ def build_sides(config: dict, device: torch.device) -> tuple[Side, Side]:
     for role in ("student", "generator"):
         models[role].train()  # dropout on, as in training, on both sides
     reference_models = copy.deepcopy(models)  # before DeepSpeed may cast the project's to bf16
-    return build_project(config, models, device), build_reference(config, reference_models, device)
+    return build_project(config, models, device, batches), build_reference(config, reference_models, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,8 +576,8 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
 
 def measure(config: dict, device: torch.device) -> dict[str, Any]:
     sync = synchronizer(device)
-    project, reference = build_sides(config, device)
     batches = synthetic_batches(config, cycle_length(config), device)
+    project, reference = build_sides(config, device, batches)
     sides = (project, reference)
     for side in sides:
         warm_up(side, config, batches, sync)
@@ -603,7 +632,8 @@ def describe(config: dict, device: torch.device) -> str:
     shape = lambda s: f"{s['layers']}L/H{s['hidden']}/A{s['heads']}/F{s['ffn']}"  # noqa: E731
     return (f"{m['family']} V={m['vocab_size']}: teacher {shape(m['teacher'])}, student {shape(m['student'])}, "
             f"generator {shape(m['generator'])}; batch {t['micro_batch_size']} x seq {t['seq_len']}, {t['dtype']}, "
-            f"DeepSpeed {t['ds_config']} ZeRO-{t['zero_stage']}; cycle {mk['generator_steps']}:{mk['student_steps']}, "
+            f"DeepSpeed {t['ds_config']} ZeRO-{t['zero_stage']}, teacher clean-logit table "
+            f"{'on' if config['project']['cache_teacher_logits'] else 'off'}; cycle {mk['generator_steps']}:{mk['student_steps']}, "
             f"{config['bench']['repeats']} repeats x {config['bench']['cycles']} cycle(s) on {device_name(device)}")
 
 
@@ -726,6 +756,8 @@ def main(argv=None) -> None:
         config["bench"]["repeats"] = args.repeats
     if args.cycles is not None:
         config["bench"]["cycles"] = args.cycles
+    if config["bench"]["threads"]:
+        torch.set_num_threads(config["bench"]["threads"])
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if config["train"]["dtype"] != "fp32" and device.type != "cuda":
         raise SystemExit(f"preset {args.preset} runs in {config['train']['dtype']}: it needs a GPU")

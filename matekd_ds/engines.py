@@ -19,6 +19,7 @@ from torch import nn
 from matekd_ds.errors import MatekdError
 
 DTYPE_KEYS = {"bf16": "bf16", "fp16": "fp16"}
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -104,8 +105,12 @@ def finalize_ds_config(
     if zero_stage is not None:
         zero["stage"] = zero_stage
     zero.setdefault("stage", 0)
-    if zero["stage"] not in (0, 1, 2, 3):
-        raise MatekdError(f"DeepSpeed config {ds['_source']}: zero_optimization.stage must be 0-3, got {zero['stage']}")
+    if zero["stage"] not in SUPPORTED_ZERO_STAGES:
+        # Stage 3 partitions the word embeddings that the soft one-hot multiplies and needs a
+        # gathered export; until that path exists, refuse it rather than save empty weights.
+        raise MatekdError(
+            f"DeepSpeed config {ds['_source']}: zero_optimization.stage {zero['stage']} is not supported; use 0, 1 or 2"
+        )
     ds["zero_optimization"] = zero
     ds.setdefault("steps_per_print", 10**9)
     ds.pop("_source")

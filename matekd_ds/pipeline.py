@@ -29,8 +29,9 @@ from matekd_ds.engines import (
     steps_from_epochs,
 )
 from matekd_ds.errors import MatekdError
-from matekd_ds.evaluation import evaluate, main_score
+from matekd_ds.evaluation import evaluate, main_score, predict
 from matekd_ds.methods import FineTune, KnowledgeDistillation, MateKD
+from matekd_ds.methods.common import CleanTeacher
 from matekd_ds.methods.matekd import count_student_steps
 from matekd_ds.monitor import Monitor, log, setup_logging
 from matekd_ds.perturb import Perturber
@@ -238,7 +239,16 @@ def finetune_teacher(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool)
             "train_seconds": state.train_seconds}
 
 
-def build_method(p: Prepared, total_steps: int, teacher: torch.nn.Module):
+def clean_teacher(p: Prepared, teacher: torch.nn.Module, device: torch.device) -> CleanTeacher:
+    if not p.cfg.train.cache_teacher_logits:
+        return CleanTeacher(teacher)
+    started = time.perf_counter()
+    table = predict(teacher, p.train, p.cfg.eval.batch_size, p.tokenizer.pad_token_id, device)
+    log.info(f"[teacher] cached clean logits of {len(p.train)} training examples in {time.perf_counter() - started:.1f}s")
+    return CleanTeacher(teacher, torch.from_numpy(table).to(device))
+
+
+def build_method(p: Prepared, total_steps: int, teacher: CleanTeacher | None):
     cfg, regression = p.cfg, p.data.spec.is_regression
     student_steps = total_steps
     if cfg.method == "matekd":
@@ -266,6 +276,45 @@ def _param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def teacher_phase(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool, previous: dict[str, Any],
+                  metrics: dict[str, Any]) -> torch.nn.Module | None:
+    """Fine-tune the teacher if asked, then freeze it and score it on dev."""
+    if p.teacher is None:
+        return None
+    cfg, device = p.cfg, distributed.device()
+    if cfg.models.teacher_finetune_epochs > 0 and _finetuned_teacher_path(cfg, resume) is None:
+        metrics["teacher_finetune"] = finetune_teacher(p, run_dir, monitor, resume)
+    elif "teacher_finetune" in previous:
+        metrics["teacher_finetune"] = previous["teacher_finetune"]
+    teacher = prepare_teacher(p.teacher, p.dtype, device)
+    teacher_dev = evaluate(teacher, p.dev, p.data.spec, cfg.eval.batch_size, p.tokenizer.pad_token_id, device)
+    metrics["teacher"] = {"dev": teacher_dev, "params": _param_count(teacher)}
+    log.info(f"[teacher] dev {p.data.spec.main_metric} {main_score(teacher_dev):.4f}")
+    return teacher
+
+
+def student_phase(p: Prepared, teacher: torch.nn.Module | None, run_dir: Path, monitor: Monitor,
+                  resume: bool) -> tuple[Any, torch.nn.Module]:
+    """Train the student with the configured method; export it; return the loop state."""
+    cfg, device = p.cfg, distributed.device()
+    if p.student is None:
+        p.student = models.init_student_from_teacher(teacher, cfg.models.student_init_from_teacher_layers).float()
+        p.student.requires_grad_(True)
+    total = cfg.train.max_steps or steps_from_epochs(cfg.train.epochs, _batches_per_epoch(p), cfg.train.gradient_accumulation_steps)
+    method = build_method(p, total, clean_teacher(p, teacher, device) if cfg.method != "ft" else None)
+    student = method.engines["student"].module
+    export_best = lambda: export_model(student, p.tokenizer, run_dir / "student_best")  # noqa: E731
+    trainer = Trainer(
+        method, student, p.train, p.dev, p.data.spec, _loop_config(cfg, "student", total),
+        Checkpointer(run_dir / "checkpoints" / "student", cfg.output.keep_checkpoints), monitor,
+        p.tokenizer.pad_token_id, device, on_best=export_best if cfg.eval.save_best else None,
+    )
+    log.info(f"[student] {cfg.method} for {total} steps")
+    state = trainer.fit(resume)
+    export_model(student, p.tokenizer, run_dir / "student")
+    return state, student
+
+
 def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """The `matekd train` entry point (every rank runs it)."""
     setup_logging(None)
@@ -282,7 +331,6 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     if distributed.is_main() and not (run_dir / "tokenizer").exists():
         p.tokenizer.save_pretrained(run_dir / "tokenizer")
     monitor = Monitor(run_dir / "logs", cfg.logging.csv, cfg.logging.tensorboard)
-    device = distributed.device()
     metrics: dict[str, Any] = {"status": "running", "task": p.data.spec.name, "method": cfg.method,
                                "metric": p.data.spec.main_metric, "world_size": distributed.world_size(),
                                "dtype": p.dtype}
@@ -290,37 +338,17 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     log.info(f"task {p.data.spec.name}: {len(p.train)} train examples, "
              + ", ".join(f"{k} {len(v)}" for k, v in p.dev.items()) + f"; method {cfg.method}; dtype {p.dtype}; "
              f"{distributed.world_size()} rank(s); run directory {run_dir}")
-
-    teacher = None
-    if p.teacher is not None:
-        if cfg.models.teacher_finetune_epochs > 0 and _finetuned_teacher_path(cfg, resume) is None:
-            metrics["teacher_finetune"] = finetune_teacher(p, run_dir, monitor, resume)
-        elif "teacher_finetune" in previous:
-            metrics["teacher_finetune"] = previous["teacher_finetune"]
-        teacher = prepare_teacher(p.teacher, p.dtype, device)
-        teacher_dev = evaluate(teacher, p.dev, p.data.spec, cfg.eval.batch_size, p.tokenizer.pad_token_id, device)
-        metrics["teacher"] = {"dev": teacher_dev, "params": _param_count(teacher)}
-        log.info(f"[teacher] dev {p.data.spec.main_metric} {main_score(teacher_dev):.4f}")
-
-    if p.student is None:
-        layers = cfg.models.student_init_from_teacher_layers
-        p.student = models.init_student_from_teacher(teacher, layers).float()
-        p.student.requires_grad_(True)
-    total = cfg.train.max_steps or steps_from_epochs(cfg.train.epochs, _batches_per_epoch(p), cfg.train.gradient_accumulation_steps)
-    method = build_method(p, total, teacher)
-    student_module = method.engines["student"].module
-    trainer = Trainer(
-        method, student_module, p.train, p.dev, p.data.spec, _loop_config(cfg, "student", total),
-        Checkpointer(run_dir / "checkpoints" / "student", cfg.output.keep_checkpoints), monitor,
-        p.tokenizer.pad_token_id, device,
-        on_best=(lambda: export_model(student_module, p.tokenizer, run_dir / "student_best")) if cfg.eval.save_best else None,
-    )
-    log.info(f"[student] {cfg.method} for {total} steps")
-    state = trainer.fit(resume)
-    export_model(student_module, p.tokenizer, run_dir / "student")
+    try:
+        teacher = teacher_phase(p, run_dir, monitor, resume, previous, metrics)
+        state, student = student_phase(p, teacher, run_dir, monitor, resume)
+    except BaseException as err:  # the checkpoints stay; say why the run ended, then re-raise
+        write_metrics(run_dir, dict(metrics, status="interrupted", reason=f"{type(err).__name__}: {err}"))
+        raise
+    finally:
+        monitor.close()
     metrics.update({
         "status": "completed",
-        "student": {"params": _param_count(student_module), "steps": state.step},
+        "student": {"params": _param_count(student), "steps": state.step},
         "final": state.evaluations[-1]["dev"],
         "best": state.best,
         "evaluations": state.evaluations,
@@ -332,6 +360,5 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         "wall_seconds": time.time() - started,
     })
     write_metrics(run_dir, metrics)
-    monitor.close()
     distributed.barrier()
     return metrics

@@ -15,6 +15,7 @@ from matekd_ds.data.batching import collate, encode
 from matekd_ds.data.tokenizer import train_wordpiece
 from matekd_ds.engines import EngineSpec, build_engine, finalize_ds_config, prepare_teacher, read_ds_config
 from matekd_ds.methods import MateKD
+from matekd_ds.methods.common import CleanTeacher
 from matekd_ds.perturb import Perturber
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,8 @@ def ds_config(stage: int, dtype: str = "fp32", micro_batch: int = 6, clip: float
                               world_size=1, clip=clip, dtype=dtype, zero_stage=None)
 
 
-def tiny_matekd(stage: int, tokenizer, generator_lr: float = 1e-3, weights=(1 / 3, 1 / 3, 1 / 3)) -> MateKD:
+def tiny_matekd(stage: int, tokenizer, generator_lr: float = 1e-3, weights=(1 / 3, 1 / 3, 1 / 3),
+                teacher_table: torch.Tensor | None = None) -> MateKD:
     distributed.init()
     torch.manual_seed(0)
     teacher = models.load_classifier("teacher", "builtin:bert-L2-H32-A2", 2, tokenizer, False)
@@ -46,7 +48,8 @@ def tiny_matekd(stage: int, tokenizer, generator_lr: float = 1e-3, weights=(1 / 
     generator_engine = build_engine(generator, EngineSpec("generator", ds_config(stage), generator_lr, 0.0, 100,
                                                           schedule="constant"))
     perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, 1.0)
-    return MateKD(student_engine, generator_engine, prepare_teacher(teacher, "fp32", torch.device("cpu")), perturber,
+    teacher = CleanTeacher(prepare_teacher(teacher, "fp32", torch.device("cpu")), teacher_table)
+    return MateKD(student_engine, generator_engine, teacher, perturber,
                   regression=False, temperature=1.0, loss_weights=list(weights), generator_steps=1, student_steps=1)
 
 

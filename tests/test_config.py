@@ -45,6 +45,7 @@ def test_json_config(tmp_path):
     ({"train": {"dtype": "fp8"}}, "train.dtype"),
     ({"logging": {"tensorboard": "yes"}}, "must be true or false"),
     ({"task": "custom"}, "needs data.train_file"),
+    ({"train": {"zero_stage": 3}}, "train.zero_stage must be 0, 1 or 2"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(MatekdError, match=message.replace("(", r"\(").replace(".", r"\.")):

@@ -11,7 +11,7 @@ def tokenizer_and_examples():
     return tiny_tokenizer()
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_generator_step_leaves_student_untouched(stage, tokenizer_and_examples):
     tokenizer, examples = tokenizer_and_examples
     method = tiny_matekd(stage, tokenizer)
@@ -30,7 +30,7 @@ def test_generator_step_leaves_student_untouched(stage, tokenizer_and_examples):
     assert changed, "the generator step did not update the generator"
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
 def test_student_step_leaves_generator_untouched(stage, tokenizer_and_examples):
     tokenizer, examples = tokenizer_and_examples
     method = tiny_matekd(stage, tokenizer)

@@ -67,3 +67,23 @@ def test_cycle_phase_follows_n_g_then_n_s():
 def test_count_student_steps():
     for total in range(0, 40):
         assert count_student_steps(total, 3, 5) == sum(cycle_phase(s, 3, 5) == "student" for s in range(total))
+
+
+def test_cached_clean_teacher_logits_give_the_same_student_step():
+    from matekd_ds.evaluation import predict
+
+    tokenizer, examples = tiny_tokenizer()
+    losses = {}
+    for cached in (False, True):
+        method = tiny_matekd(0, tokenizer)
+        method.student.module.eval()
+        method.generator.module.eval()
+        batch = tiny_batch(tokenizer, examples, n=6)
+        if cached:  # the table holds the clean logits of every example, indexed like the batch
+            from matekd_ds.data.batching import encode
+            data = encode(examples[:6], tokenizer, 32, regression=False)
+            table = predict(method.teacher, data, 4, tokenizer.pad_token_id, torch.device("cpu"))
+            method.clean_teacher.table = torch.from_numpy(table)
+        losses[cached] = method.student_micro_step(batch, seed=9)
+    for key in ("loss", "ce", "div_clean", "div_perturbed"):
+        torch.testing.assert_close(losses[True][key], losses[False][key], rtol=1e-5, atol=1e-6)

@@ -34,6 +34,11 @@ from matekd_ds.kernels.gumbel import _torch_gumbel_noise
 from matekd_ds.methods import MateKD
 from matekd_ds.perturb import Perturber
 
+try:  # the clean-teacher wrapper (with its optional table of cached clean logits)
+    from matekd_ds.methods.common import CleanTeacher
+except ImportError:  # an older MateKD that takes the bare teacher
+    CleanTeacher = None
+
 REPO = Path(__file__).resolve().parents[1]
 # CLIP is below the tiny models' gradient norms (~1.2-2) so that clipping acts (checked through
 # AdamW's first moment: one Adam step from zero state is invariant to the gradient's scale).
@@ -70,8 +75,9 @@ def ds_config():
                               clip=CLIP, dtype="fp32", zero_stage=None)
 
 
-def build_pair(tokenizer):
-    """The project's MateKD (DeepSpeed ZeRO-0 engines) and the reference, from identical weights."""
+def build_pair(tokenizer, batch=None):
+    """The project's MateKD (DeepSpeed ZeRO-0 engines) and the reference, from identical weights.
+    With `batch`, the project looks the teacher's clean logits up in a table built from it."""
     distributed.init()
     torch.manual_seed(0)
     teacher = models.load_classifier("teacher", "builtin:bert-L2-H32-A2", 2, tokenizer, False)
@@ -86,7 +92,7 @@ def build_pair(tokenizer):
                                                           schedule="constant"))
     teacher = prepare_teacher(teacher, "fp32", torch.device("cpu"))
     perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, 1.0)
-    project = MateKD(student_engine, generator_engine, teacher, perturber, regression=False, temperature=1.0,
+    project = MateKD(student_engine, generator_engine, project_teacher(teacher, batch), perturber, regression=False, temperature=1.0,
                      loss_weights=[1 / 3, 1 / 3, 1 / 3], generator_steps=1, student_steps=1)
     ref = reference.ReferenceMateKD(
         teacher, ref_student, ref_generator, mask_token_id=tokenizer.mask_token_id,
@@ -95,6 +101,18 @@ def build_pair(tokenizer):
     for model in (student, generator, ref_student, ref_generator):
         model.eval()  # no dropout: both sides deterministic
     return project, ref
+
+
+def project_teacher(teacher: torch.nn.Module, batch=None):
+    if CleanTeacher is None:
+        return teacher
+    if batch is None:
+        return CleanTeacher(teacher)
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    table = torch.zeros(int(batch["index"].max()) + 1, logits.shape[-1])
+    table[batch["index"]] = logits
+    return CleanTeacher(teacher, table)
 
 
 def spread_weights(model: torch.nn.Module, std: float = 0.3) -> None:
@@ -206,9 +224,12 @@ def gradient_norm(grads: dict[str, torch.Tensor]) -> float:
     return torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())).item()
 
 
-def test_student_step_matches_reference(tokenizer_and_batch):
+@pytest.mark.parametrize("cached_teacher", [False, True], ids=["teacher-forward", "teacher-table"])
+def test_student_step_matches_reference(tokenizer_and_batch, cached_teacher):
     tokenizer, batch = tokenizer_and_batch
-    project, ref = build_pair(tokenizer)
+    if cached_teacher and CleanTeacher is None:
+        pytest.skip("this MateKD has no table of clean teacher logits")
+    project, ref = build_pair(tokenizer, batch if cached_teacher else None)
     run_both(project, ref, "student", batch, seed=11)
 
 

@@ -38,3 +38,32 @@ def frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+class CleanTeacher:
+    """The teacher's logits on clean training text. The teacher is frozen and in eval mode, so
+    these never change: with a precomputed table (one sharded pass over the training set) a
+    lookup by example index replaces the teacher forward on clean text in every step."""
+
+    def __init__(self, teacher: nn.Module, table: torch.Tensor | None = None):
+        self.teacher = teacher
+        self.table = table  # [N, C] on the device, or None to run the teacher each step
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.table is not None:
+            return self.table[batch["index"]]
+        return self.teacher(**model_inputs(batch)).logits
+
+
+class StudentOnly:
+    """Base for methods that train the student engine alone: every step is a student step."""
+
+    student = None  # the student's DeepSpeed engine
+
+    @property
+    def engines(self) -> dict:
+        return {"student": self.student}
+
+    def phase(self, step: int) -> str:
+        return "student"

@@ -5,22 +5,15 @@ from __future__ import annotations
 import torch
 
 from matekd_ds.losses import task_loss
-from matekd_ds.methods.common import model_inputs
+from matekd_ds.methods.common import StudentOnly, model_inputs
 
 
-class FineTune:
+class FineTune(StudentOnly):
     name = "ft"
 
     def __init__(self, student_engine, regression: bool):
         self.student = student_engine
         self.regression = regression
-
-    @property
-    def engines(self) -> dict:
-        return {"student": self.student}
-
-    def phase(self, step: int) -> str:
-        return "student"
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
         total = 0.0

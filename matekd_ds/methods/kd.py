@@ -5,31 +5,22 @@ from __future__ import annotations
 import torch
 
 from matekd_ds.losses import divergence, task_loss
-from matekd_ds.methods.common import model_inputs
+from matekd_ds.methods.common import CleanTeacher, StudentOnly, model_inputs
 
 
-class KnowledgeDistillation:
+class KnowledgeDistillation(StudentOnly):
     name = "kd"
 
-    def __init__(self, student_engine, teacher, regression: bool, alpha: float, temperature: float):
-        self.student, self.teacher = student_engine, teacher
+    def __init__(self, student_engine, teacher: CleanTeacher, regression: bool, alpha: float, temperature: float):
+        self.student, self.clean_teacher = student_engine, teacher
         self.regression, self.alpha, self.temperature = regression, alpha, temperature
-
-    @property
-    def engines(self) -> dict:
-        return {"student": self.student}
-
-    def phase(self, step: int) -> str:
-        return "student"
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
         sums = {"loss": 0.0, "ce": 0.0, "div": 0.0}
         T = self.temperature
         for batch in micro_batches:
-            inputs = model_inputs(batch)
-            with torch.no_grad():
-                teacher_logits = self.teacher(**inputs).logits
-            logits = self.student(**inputs).logits
+            teacher_logits = self.clean_teacher(batch)
+            logits = self.student(**model_inputs(batch)).logits
             ce = task_loss(logits, batch["labels"], self.regression)
             div = divergence(logits, teacher_logits, T, self.regression)
             loss = self.alpha * ce + (1 - self.alpha) * T * T * div

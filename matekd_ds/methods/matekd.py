@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from matekd_ds.losses import divergence, task_loss
-from matekd_ds.methods.common import doubled, frozen, model_inputs
+from matekd_ds.methods.common import CleanTeacher, doubled, frozen, model_inputs
 from matekd_ds.perturb import Perturber, soft_inputs_embeds
 
 
@@ -32,10 +32,11 @@ def count_student_steps(total_steps: int, generator_steps: int, student_steps: i
 class MateKD:
     name = "matekd"
 
-    def __init__(self, student_engine, generator_engine, teacher, perturber: Perturber, *,
+    def __init__(self, student_engine, generator_engine, teacher: CleanTeacher, perturber: Perturber, *,
                  regression: bool, temperature: float, loss_weights: list[float],
                  generator_steps: int, student_steps: int):
-        self.student, self.generator, self.teacher = student_engine, generator_engine, teacher
+        self.student, self.generator = student_engine, generator_engine
+        self.clean_teacher, self.teacher = teacher, teacher.teacher
         self.perturber = perturber
         self.regression, self.temperature = regression, temperature
         self.weights = loss_weights
@@ -79,10 +80,14 @@ class MateKD:
     def student_micro_step(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         mb = self.perturber.mask_batch(batch, seed)
         perturbed_ids = self.perturber.sample_perturbed_ids(self.generator.module, mb, seed + 1)
-        both = doubled(batch, perturbed_ids)  # one forward over clean ⊕ perturbed per model
         with torch.no_grad():
-            teacher_clean, teacher_perturbed = self.teacher(**both).logits.chunk(2)
-        student_clean, student_perturbed = self.student(**both).logits.chunk(2)
+            if self.clean_teacher.table is not None:
+                teacher_clean = self.clean_teacher(batch)
+                perturbed = dict(model_inputs(batch), input_ids=perturbed_ids)
+                teacher_perturbed = self.teacher(**perturbed).logits
+            else:  # one forward over clean ⊕ perturbed
+                teacher_clean, teacher_perturbed = self.teacher(**doubled(batch, perturbed_ids)).logits.chunk(2)
+        student_clean, student_perturbed = self.student(**doubled(batch, perturbed_ids)).logits.chunk(2)
         ce = task_loss(student_clean, batch["labels"], self.regression)
         div_clean = self.div(student_clean, teacher_clean)
         div_perturbed = self.div(student_perturbed, teacher_perturbed)
