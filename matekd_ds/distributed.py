@@ -31,7 +31,22 @@ def init() -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    elif os.environ.get("WORLD_SIZE") == "1":
+        _skip_cpu_shared_memory_op()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+
+
+def _skip_cpu_shared_memory_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op (about 50 s on a fresh
+    machine) that only helps several local ranks; a world of one never calls it."""
+    import importlib
+
+    try:  # `import deepspeed.comm.torch as m` would give torch itself: deepspeed.comm binds the name
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
 
 
 def _initialized() -> bool:
