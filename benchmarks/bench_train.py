@@ -34,7 +34,7 @@ What is measured
   figures are for attribution, the throughput comes from the un-instrumented repeats.
 * Peak memory, measured during the profiled pass: GPU torch.cuda.max_memory_allocated above
   what was allocated when the side started; CPU peak RSS above the side's starting RSS, sampled
-  every 2 ms from /proc/self/statm (after malloc_trim), so approximate.
+  every 5 ms from /proc/self/statm (after malloc_trim), so approximate.
 * GPU MFU from the model FLOPs written down in cycle_flops(): the same count for both sides, so
   the MFU ratio equals the throughput ratio. Peak: dense bf16 tensor-core FLOPs (PEAK_BF16).
 
@@ -61,7 +61,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -431,11 +431,11 @@ class Restore:
     """Undo an instance attribute patch (a handle like a hook's)."""
     owner: Any
     name: str
-    value: Any = field(default=None)
+    value: Any = None  # None: the patch shadowed a class attribute, so deleting it restores that
 
     def remove(self) -> None:
         if self.value is None:
-            delattr(self.owner, self.name)  # drop the instance attribute: the class method is back
+            delattr(self.owner, self.name)
         else:
             setattr(self.owner, self.name, self.value)
 
@@ -476,7 +476,7 @@ class PeakMemory:
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.002):
+        while not self._stop.wait(0.005):
             self._peak = max(self._peak, rss_bytes())
 
     def __exit__(self, *exc):
