@@ -22,7 +22,6 @@ import json
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, run as a script
+from provenance import git_commit  # noqa: E402
 PEAK_HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM parts
 CPU_ROWS = 64
 TEMPERATURE = 2.0
@@ -82,14 +83,6 @@ def device_info(device: torch.device) -> dict:
         peak = next((gbps for key, gbps in PEAK_HBM_GBPS.items() if key in name), None)
         return {"name": name, "peak_hbm_gbps": peak}
     return {"name": f"CPU ({platform.processor() or platform.machine()})", "peak_hbm_gbps": None}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def versions() -> dict:

@@ -57,7 +57,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -73,6 +72,7 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference_matekd import ReferenceMateKD  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 # Dense bf16 tensor-core peak, FLOP/s (NVIDIA datasheets, SXM parts; H100 PCIe is lower).
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12}
@@ -666,14 +666,6 @@ def device_slug(device: torch.device) -> str:
         return "cpu"
     name = torch.cuda.get_device_name(device).lower()
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def versions() -> dict[str, str]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,

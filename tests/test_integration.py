@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import GLUE, REPO, run_cli
+from helpers import GLUE, run_cli
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason="needs ../shared/data/glue")
