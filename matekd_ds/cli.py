@@ -28,6 +28,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 method=kd")
 
+    warm = sub.add_parser("warmup-generator", help="only the generator's MLM warm-up (matekd.generator_mlm_warmup_steps); "
+                          "exports <output.dir>/generator_warm")
+    warm.add_argument("--config", help="run config (YAML or JSON); default: the embedded offline demo")
+    warm.add_argument("--resume", action="store_true", help="continue the warm-up in output.dir")
+    warm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. models.generator=PATH")
+
+    exp = sub.add_parser("experiment", help="an FT/KD/MATE-KD sweep over tasks and seeds, with a results table")
+    exp.add_argument("spec", help="experiment spec (YAML); finished runs are skipped, so rerunning resumes")
+    exp.add_argument("--dry-run", action="store_true", help="check the spec and print the planned runs")
+    exp.add_argument("--launcher", default=None,
+                     help="command that starts each run, e.g. 'deepspeed --num_gpus 8' (default: this python)")
+    exp.add_argument("--report-only", action="store_true", help="rebuild the results table from finished runs")
+
     ev = sub.add_parser("eval", help="evaluate a model (or a run directory's student) on the task's dev sets")
     ev.add_argument("model", help="a run directory, or a model path / hub id")
     ev.add_argument("--config", help="run config giving the task and data (default: the run directory's)")
@@ -44,8 +57,11 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "train":
+        if args.command in ("train", "warmup-generator"):
             return _train(args)
+        if args.command == "experiment":
+            from matekd_ds import experiment
+            return experiment.main(args.spec, dry_run=args.dry_run, launcher=args.launcher, report_only=args.report_only)
         return _eval(args)
     except MatekdError as err:
         print(f"matekd: error: {_one_line(err)}", file=sys.stderr)
@@ -60,13 +76,22 @@ def _train(args) -> int:
     from matekd_ds.trainer import StopRequested
 
     cfg = load_config(args.config or default_config_path(), args.overrides)
+    generator_only = args.command == "warmup-generator"
+    if generator_only and (cfg.method != "matekd" or cfg.matekd.generator_mlm_warmup_steps == 0):
+        raise MatekdError("warmup-generator needs method=matekd and matekd.generator_mlm_warmup_steps > 0")
     from matekd_ds import pipeline, summary
 
     try:
-        metrics = pipeline.run_training(cfg, resume=args.resume)
+        metrics = pipeline.run_training(cfg, resume=args.resume, generator_only=generator_only)
     except StopRequested as stop:
         print(f"matekd: {stop}", file=sys.stderr)
         return 143
+    if generator_only:
+        warm = metrics.get("generator_warmup") or {}
+        if "dev_after" in warm:
+            print(f"generator warmed up: dev masked-token accuracy {warm['dev_before']['accuracy']:.4f} -> "
+                  f"{warm['dev_after']['accuracy']:.4f}; saved to {Path(cfg.output.dir) / 'generator_warm'}")
+        return 0
     summary.print_summary(metrics, cfg.output.dir)
     return 0
 

@@ -82,6 +82,11 @@ class MatekdConfig:
     generator_clip: float = 5.0
     # Student-step weights: CE(labels), divergence(clean), divergence(perturbed).
     loss_weights: list[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])
+    # Masked-LM warm-up of the generator on the task's own training text before MATE-KD, for a
+    # generator built from an encoder checkpoint (no pretrained MLM head: a fresh head tied to
+    # the word embeddings). 0 = none. Masks like MATE-KD does (mask_prob, all mask tokens).
+    generator_mlm_warmup_steps: int = 0
+    generator_mlm_warmup_lr: float = 1e-4
 
 
 @dataclass
@@ -119,10 +124,17 @@ class EvalConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """Per-engine DeepSpeed configs: a preset name from ds_configs/ or a JSON path."""
+    """Per-engine DeepSpeed configs: a preset name from ds_configs/, a JSON path, or presets
+    joined with '+' (zero3+bf16+offload)."""
 
     student: str = "zero2"
     generator: str = "zero2"
+    # The frozen teacher: "none" = a plain module on every rank; a ZeRO-3 preset
+    # (teacher-inference, teacher-inference+offload) = a DeepSpeed engine without an optimizer
+    # whose parameters are partitioned over the ranks (a teacher larger than one device).
+    teacher: str = "none"
+    # Where "offload" presets put offloaded tensors: null = CPU memory, a path = NVMe there.
+    nvme_path: str | None = None
 
 
 @dataclass
@@ -327,6 +339,8 @@ def validate(cfg: RunConfig) -> None:
     _check(len(m.loss_weights) == 3, "matekd.loss_weights needs 3 numbers: CE, divergence(clean), divergence(perturbed)")
     _check(all(w >= 0 for w in m.loss_weights), f"matekd.loss_weights must be >= 0, got {m.loss_weights}")
     _check(m.generator_lr >= 0, f"matekd.generator_lr must be >= 0, got {m.generator_lr}")
+    _check(m.generator_mlm_warmup_steps >= 0, f"matekd.generator_mlm_warmup_steps must be >= 0, got {m.generator_mlm_warmup_steps}")
+    _check(m.generator_mlm_warmup_lr > 0, f"matekd.generator_mlm_warmup_lr must be > 0, got {m.generator_mlm_warmup_lr}")
     _check(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha must be in [0, 1], got {cfg.kd.alpha}")
     _check(cfg.kd.temperature > 0, f"kd.temperature must be > 0, got {cfg.kd.temperature}")
     t = cfg.train
@@ -337,7 +351,7 @@ def validate(cfg: RunConfig) -> None:
     _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _check(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _check(t.clip >= 0, f"train.clip must be >= 0, got {t.clip}")
-    _check(t.zero_stage is None or t.zero_stage in (0, 1, 2), f"train.zero_stage must be 0, 1 or 2, got {t.zero_stage}")
+    _check(t.zero_stage is None or t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     _check(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")
     for key in ("max_train_examples", "max_eval_examples"):
         value = getattr(cfg.data, key)

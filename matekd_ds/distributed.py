@@ -89,6 +89,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def mean_over_ranks(values: list) -> list[float]:
+    """Each value (a number or a 0-d tensor) averaged over the ranks; one all-reduce for all."""
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values]) if values else None
+    if local is None or world_size() == 1:
+        return [] if local is None else local.tolist()
+    total = local.to(device() if dist.get_backend() == "nccl" else torch.device("cpu"))
+    dist.all_reduce(total)
+    return (total / world_size()).cpu().tolist()
+
+
 def any_rank(flag: bool) -> bool:
     """True when `flag` is set on any rank (used to stop every rank at the same step)."""
     if world_size() == 1:

@@ -128,8 +128,10 @@ def check_tokenizers_agree(specs: dict[str, str], tokenizer) -> None:
             raise MatekdError(f"vocabulary mismatch: the {role} '{spec}' has a different tokenizer vocabulary")
 
 
-def init_student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
-    """DistilBERT-style: a student with the teacher's embeddings, head and the chosen layers."""
+def init_student_from_teacher(teacher: nn.Module, layers: list[int],
+                              state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """DistilBERT-style: a student with the teacher's embeddings, head and the chosen layers.
+    `state_dict`: the teacher's full weights when its module holds only ZeRO-3 partitions."""
     n_teacher = teacher.config.num_hidden_layers
     if not layers or any(not 0 <= i < n_teacher for i in layers):
         raise MatekdError(f"models.student_init_from_teacher_layers must pick layers in 0..{n_teacher - 1}, got {layers}")
@@ -138,7 +140,7 @@ def init_student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Modul
     student = AutoModelForSequenceClassification.from_config(config)
     source = {new: old for new, old in enumerate(layers)}
     state = {}
-    for key, value in teacher.state_dict().items():
+    for key, value in (state_dict if state_dict is not None else teacher.state_dict()).items():
         match = re.search(r"\.layer\.(\d+)\.", key)
         if match is None:
             state[key] = value

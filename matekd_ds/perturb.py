@@ -3,13 +3,18 @@
 Two forms of the same perturbation:
 - `sample_perturbed_ids` (student steps): no gradient is needed, so the sampled tokens are fed
   back as ids. No B×L×V one-hot, no matmul with the embeddings, no backward through anything.
-- `soft_inputs_embeds` (generator steps): the straight-through one-hot y [M, V] of the masked
+- `soft_embeddings` (generator steps): the straight-through one-hot y [M, V] of the masked
   rows only, times a model's word embeddings, replaces those rows' input embeddings so that the
-  divergence's gradient reaches the generator's logits.
+  divergence's gradient reaches the generator's logits. The product runs inside the
+  word-embedding module's own forward, where ZeRO-3 has gathered the partitioned matrix E.
+  (`soft_inputs_embeds` computes the same embeddings outside any forward: fine for a module
+  whose weights are whole, wrong under ZeRO-3, where E is an empty placeholder out there.)
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +83,40 @@ def soft_inputs_embeds(model: nn.Module, mb: MaskedBatch, y: torch.Tensor) -> to
     base = embedding(mb.input_ids)
     rows = y.to(embedding.weight.dtype) @ embedding.weight
     return base.masked_scatter(mb.mask.unsqueeze(-1), rows)
+
+
+# The generator step's soft input, computed where a ZeRO-3 partitioned E is whole.
+#
+# A forward hook on the model's word-embedding module, placed before every other hook of that
+# module, replaces the masked rows of its output (the input embeddings) by y @ E. Under ZeRO-3:
+# - forward: DeepSpeed's pre-forward hook has gathered E; its post-forward hook, which frees E
+#   again, runs after ours;
+# - backward: DeepSpeed's pre-backward hook wraps the output this hook returns, so E is gathered
+#   again before autograd reaches y @ E and computes dL/dy = dL/drows @ E^T.
+# Without DeepSpeed (or at ZeRO 0-2) the hook computes exactly what soft_inputs_embeds does.
+
+
+def _soft_rows_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
+    state = module.__dict__.get("_matekd_soft_rows")
+    if state is None:
+        return None
+    mask, y = state
+    if output.shape[:-1] != mask.shape:
+        raise RuntimeError(f"soft embeddings: the word embeddings returned {tuple(output.shape)} for a mask of {tuple(mask.shape)}")
+    rows = y.to(module.weight.dtype) @ module.weight
+    return output.masked_scatter(mask.unsqueeze(-1), rows)
+
+
+@contextlib.contextmanager
+def soft_embeddings(model: nn.Module, mask: torch.Tensor, y: torch.Tensor) -> Iterator[None]:
+    """Inside the block, `model(input_ids=..., ...)` embeds the positions where `mask` is True
+    as y @ E (E = its word embeddings, y [M, V] one row per masked position, in row-major
+    order) and every other position as usual. Call the model on its input_ids, once."""
+    embedding = model.get_input_embeddings()
+    if "_matekd_soft_hook" not in embedding.__dict__:
+        embedding.__dict__["_matekd_soft_hook"] = embedding.register_forward_hook(_soft_rows_hook, prepend=True)
+    embedding.__dict__["_matekd_soft_rows"] = (mask, y)
+    try:
+        yield
+    finally:
+        embedding.__dict__["_matekd_soft_rows"] = None

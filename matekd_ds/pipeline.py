@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +25,23 @@ from matekd_ds.data import TaskData, load_task_data
 from matekd_ds.data.batching import Encoded, TrainStream, encode
 from matekd_ds.data.tokenizer import train_wordpiece
 from matekd_ds.engines import (
-    EngineSpec, build_engine, finalize_ds_config, prepare_teacher, read_ds_config, resolve_dtype,
-    steps_from_epochs,
+    TEACHER_PLAIN, EngineSpec, build_engine, build_teacher_engine, finalize_ds_config, finalize_teacher_ds_config,
+    prepare_teacher, read_ds_config, resolve_dtype, steps_from_epochs,
 )
 from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation import evaluate, main_score, predict
 from matekd_ds.methods import FineTune, KnowledgeDistillation, MateKD
 from matekd_ds.methods.common import CleanTeacher
 from matekd_ds.methods.matekd import count_student_steps
+from matekd_ds.methods.mlm import MlmWarmup, mlm_evaluate
 from matekd_ds.monitor import Monitor, log, setup_logging
+from matekd_ds.partition import gathered_state_dict, is_partitioned, param_bytes, param_numel
 from matekd_ds.perturb import Perturber
 from matekd_ds.trainer import LoopConfig, Trainer
 
 # Keys whose change makes a checkpoint meaningless: a resume must keep them.
 RESUME_LOCKED = ("task", "method", "models", "data")
+MLM_EVAL_EXAMPLES = 512  # dev examples scored during the generator's MLM warm-up
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Prepared:
     teacher: torch.nn.Module | None  # None: method ft, no teacher needed
     student: torch.nn.Module | None  # None: initialised from the teacher after its fine-tuning
     generator: torch.nn.Module | None
+    teacher_engine: Any = None  # the teacher's ZeRO-3 inference engine (deepspeed.teacher), once built
+    memory: dict[str, Any] = field(default_factory=dict)  # per engine: parameter bytes per rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,9 +100,15 @@ def prepare(cfg: RunConfig, resume: bool) -> Prepared:
         role: finalize_ds_config(
             raw[role], micro_batch=cfg.train.micro_batch_size, grad_accum=cfg.train.gradient_accumulation_steps,
             world_size=world, clip=clips[role], dtype=dtype, zero_stage=cfg.train.zero_stage,
+            role=role, nvme_path=cfg.deepspeed.nvme_path,
         )
         for role in roles
     }
+    if uses_teacher(cfg) and cfg.deepspeed.teacher != TEACHER_PLAIN:  # a ZeRO-3 inference engine
+        ds_configs["teacher"] = finalize_teacher_ds_config(
+            read_ds_config(cfg.deepspeed.teacher), micro_batch=cfg.eval.batch_size, world_size=world, dtype=dtype,
+            nvme_path=cfg.deepspeed.nvme_path,
+        )
     if dtype == "fp16" and not torch.cuda.is_available():
         raise MatekdError("fp16 training needs a GPU; on the CPU use train.dtype=bf16 or fp32")
 
@@ -109,7 +120,9 @@ def prepare(cfg: RunConfig, resume: bool) -> Prepared:
     student = None
     if cfg.models.student_init_from_teacher_layers is None:
         student = models.load_classifier("student", cfg.models.student, num_labels, tokenizer, regression)
-    generator = models.load_generator(cfg.models.generator, tokenizer) if cfg.method == "matekd" else None
+    generator = None
+    if cfg.method == "matekd":
+        generator = models.load_generator(_warm_generator_path(cfg, resume) or cfg.models.generator, tokenizer)
     checked = {role: m for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
                if m is not None}
     models.check_shared_vocabulary(checked, tokenizer)
@@ -129,6 +142,13 @@ def _finetuned_teacher_path(cfg: RunConfig, resume: bool) -> str | None:
     """A resumed run whose teacher phase already finished loads the exported teacher."""
     path = Path(cfg.output.dir) / "teacher"
     done = resume and cfg.models.teacher_finetune_epochs > 0 and (path / "config.json").is_file()
+    return str(path) if done else None
+
+
+def _warm_generator_path(cfg: RunConfig, resume: bool) -> str | None:
+    """A resumed run whose generator warm-up already finished loads the warmed generator."""
+    path = Path(cfg.output.dir) / "generator_warm"
+    done = resume and cfg.matekd.generator_mlm_warmup_steps > 0 and (path / "config.json").is_file()
     return str(path) if done else None
 
 
@@ -173,12 +193,17 @@ def _check_resume_compatible(cfg: RunConfig, saved: dict[str, Any]) -> None:
 
 
 def export_model(module: torch.nn.Module, tokenizer, path: Path) -> None:
-    """save_pretrained + tokenizer, written beside and renamed into place (rank 0)."""
+    """save_pretrained + tokenizer, written beside and renamed into place (rank 0). Every rank
+    calls it: a ZeRO-3 module's weights are gathered first (a collective), one layer at a time."""
+    state = gathered_state_dict(module) if is_partitioned(module) else None
     if not distributed.is_main():
         return
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    module.save_pretrained(tmp)
+    if state is not None:
+        module.save_pretrained(tmp, state_dict=state)
+    else:
+        module.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if path.exists():
         old = path.with_name(path.name + ".old")
@@ -232,8 +257,8 @@ def finetune_teacher(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool)
     log.info(f"[teacher] fine-tuning for {total} steps")
     state = trainer.fit(resume)
     export_model(engine.module, p.tokenizer, run_dir / "teacher")
-    p.teacher = engine.module
-    engine.destroy()
+    p.teacher = _module_after_training(engine, lambda: models.load_classifier(
+        "teacher", str(run_dir / "teacher"), p.data.spec.num_labels, p.tokenizer, p.data.spec.is_regression))
     distributed.barrier()
     return {"dev": state.evaluations[-1]["dev"], "best": state.best, "steps": state.step,
             "train_seconds": state.train_seconds}
@@ -241,11 +266,11 @@ def finetune_teacher(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool)
 
 def clean_teacher(p: Prepared, teacher: torch.nn.Module, device: torch.device) -> CleanTeacher:
     if not p.cfg.train.cache_teacher_logits:
-        return CleanTeacher(teacher)
+        return CleanTeacher(teacher, engine=p.teacher_engine)
     started = time.perf_counter()
     table = predict(teacher, p.train, p.cfg.eval.batch_size, p.tokenizer.pad_token_id, device)
     log.info(f"[teacher] cached clean logits of {len(p.train)} training examples in {time.perf_counter() - started:.1f}s")
-    return CleanTeacher(teacher, torch.from_numpy(table).to(device))
+    return CleanTeacher(teacher, torch.from_numpy(table).to(device), engine=p.teacher_engine)
 
 
 def build_method(p: Prepared, total_steps: int, teacher: CleanTeacher | None):
@@ -266,14 +291,79 @@ def build_method(p: Prepared, total_steps: int, teacher: CleanTeacher | None):
         "generator", p.ds_configs["generator"], m.generator_lr, 0.0,
         max(1, total_steps - student_steps), schedule="constant",
     ))
-    perturber = Perturber(p.tokenizer.all_special_ids, p.tokenizer.mask_token_id, m.mask_prob, m.gumbel_tau)
+    perturber = _perturber(p)
     return MateKD(student_engine, generator_engine, teacher, perturber, regression=regression,
                   temperature=m.temperature, loss_weights=m.loss_weights,
                   generator_steps=m.generator_steps, student_steps=m.student_steps)
 
 
+def _perturber(p: Prepared) -> Perturber:
+    m = p.cfg.matekd
+    return Perturber(p.tokenizer.all_special_ids, p.tokenizer.mask_token_id, m.mask_prob, m.gumbel_tau)
+
+
+def warm_up_generator(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool) -> dict[str, Any]:
+    """MLM on the task's training text (methods/mlm.py); exports <run>/generator_warm."""
+    cfg, steps = p.cfg, p.cfg.matekd.generator_mlm_warmup_steps
+    engine = build_engine(p.generator, EngineSpec(
+        "generator", dict(p.ds_configs["generator"]), cfg.matekd.generator_mlm_warmup_lr, 0.01, steps,
+        warmup_steps=int(0.1 * steps),
+    ))
+    perturber = _perturber(p)
+    dev = next(iter(p.dev.values())).head(MLM_EVAL_EXAMPLES)
+    evaluator = lambda: {"dev": mlm_evaluate(engine.module, perturber, dev, cfg.eval.batch_size,  # noqa: E731
+                                             p.tokenizer.pad_token_id, engine.device)}
+    before = evaluator()["dev"]
+    log.info(f"[generator] MLM warm-up for {steps} steps; dev masked-token accuracy before: {before['accuracy']:.4f}")
+    trainer = Trainer(MlmWarmup(engine, perturber), engine.module, p.train, p.dev, p.data.spec,
+                      _loop_config(cfg, "generator_warmup", steps),
+                      Checkpointer(run_dir / "checkpoints" / "generator_warmup", cfg.output.keep_checkpoints),
+                      monitor, p.tokenizer.pad_token_id, engine.device, evaluator=evaluator, metric_name="mlm_accuracy")
+    state = trainer.fit(resume)
+    export_model(engine.module, p.tokenizer, run_dir / "generator_warm")
+    p.generator = _module_after_training(engine, lambda: models.load_generator(str(run_dir / "generator_warm"), p.tokenizer))
+    distributed.barrier()
+    return {"steps": state.step, "dev_before": before, "dev_after": state.evaluations[-1]["dev"]["dev"],
+            "train_seconds": state.train_seconds}
+
+
+def generator_phase(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool, previous: dict[str, Any],
+                    metrics: dict[str, Any]) -> None:
+    """The generator's MLM warm-up, if asked and not already done by the run being resumed."""
+    if p.generator is None or p.cfg.matekd.generator_mlm_warmup_steps == 0:
+        return
+    if _warm_generator_path(p.cfg, resume) is not None:
+        metrics["generator_warmup"] = previous.get("generator_warmup")
+        return
+    metrics["generator_warmup"] = warm_up_generator(p, run_dir, monitor, resume)
+
+
+def _module_after_training(engine, reload) -> torch.nn.Module:
+    """The trained module, free of its engine. A ZeRO-3 engine leaves only partitions in the
+    module (and its hooks on it): the module comes back from its export instead."""
+    module = engine.module
+    partitioned = is_partitioned(module)
+    engine.destroy()
+    if partitioned:
+        distributed.barrier()  # rank 0 has finished writing the export
+        module = reload()
+    return module
+
+
 def _param_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return param_numel(module)
+
+
+def memory_record(module: torch.nn.Module, ds_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Parameter bytes on every rank (a collective), for metrics.json."""
+    local = param_bytes(module)
+    per_rank = distributed.gather_objects(local["rank_bytes"])
+    zero = (ds_config or {}).get("zero_optimization", {})
+    offload = {k: zero[k]["device"] for k in ("offload_param", "offload_optimizer") if zero.get(k)}
+    return {"zero_stage": zero.get("stage") if ds_config else None, "offload": offload,
+            "partitioned": local["partitioned"], "param_bytes_full": local["full_bytes"],
+            "param_bytes_per_rank": per_rank, "param_bytes_rank_max": max(per_rank),
+            "param_bytes_rank_fraction": max(per_rank) / max(1, local["full_bytes"])}
 
 
 def teacher_phase(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool, previous: dict[str, Any],
@@ -286,10 +376,17 @@ def teacher_phase(p: Prepared, run_dir: Path, monitor: Monitor, resume: bool, pr
         metrics["teacher_finetune"] = finetune_teacher(p, run_dir, monitor, resume)
     elif "teacher_finetune" in previous:
         metrics["teacher_finetune"] = previous["teacher_finetune"]
-    teacher = prepare_teacher(p.teacher, p.dtype, device)
+    if "teacher" in p.ds_configs:  # deepspeed.teacher: ZeRO-3, partitioned over the ranks
+        p.teacher_engine = build_teacher_engine(p.teacher, p.ds_configs["teacher"])
+        teacher = p.teacher_engine.module  # called directly: see build_teacher_engine
+    else:
+        teacher = prepare_teacher(p.teacher, p.dtype, device)
+    p.memory["teacher"] = memory_record(teacher, p.ds_configs.get("teacher"))
     teacher_dev = evaluate(teacher, p.dev, p.data.spec, cfg.eval.batch_size, p.tokenizer.pad_token_id, device)
     metrics["teacher"] = {"dev": teacher_dev, "params": _param_count(teacher)}
-    log.info(f"[teacher] dev {p.data.spec.main_metric} {main_score(teacher_dev):.4f}")
+    metrics["memory"] = p.memory
+    log.info(f"[teacher] dev {p.data.spec.main_metric} {main_score(teacher_dev):.4f}; parameters on each rank: "
+             f"{p.memory['teacher']['param_bytes_rank_max'] / 2**20:.2f} MiB of {p.memory['teacher']['param_bytes_full'] / 2**20:.2f} MiB")
     return teacher
 
 
@@ -298,11 +395,16 @@ def student_phase(p: Prepared, teacher: torch.nn.Module | None, run_dir: Path, m
     """Train the student with the configured method; export it; return the loop state."""
     cfg, device = p.cfg, distributed.device()
     if p.student is None:
-        p.student = models.init_student_from_teacher(teacher, cfg.models.student_init_from_teacher_layers).float()
+        # A ZeRO-3 teacher holds partitions only: gather its full weights (CPU, every rank) first.
+        full = gathered_state_dict(teacher, rank0_only=False) if is_partitioned(teacher) else None
+        p.student = models.init_student_from_teacher(teacher, cfg.models.student_init_from_teacher_layers,
+                                                     state_dict=full).float()
         p.student.requires_grad_(True)
     total = cfg.train.max_steps or steps_from_epochs(cfg.train.epochs, _batches_per_epoch(p), cfg.train.gradient_accumulation_steps)
     method = build_method(p, total, clean_teacher(p, teacher, device) if cfg.method != "ft" else None)
     student = method.engines["student"].module
+    for role, engine in method.engines.items():
+        p.memory[role] = memory_record(engine.module, p.ds_configs[role])
     export_best = lambda: export_model(student, p.tokenizer, run_dir / "student_best")  # noqa: E731
     trainer = Trainer(
         method, student, p.train, p.dev, p.data.spec, _loop_config(cfg, "student", total),
@@ -315,8 +417,10 @@ def student_phase(p: Prepared, teacher: torch.nn.Module | None, run_dir: Path, m
     return state, student
 
 
-def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
-    """The `matekd train` entry point (every rank runs it)."""
+def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = False) -> dict[str, Any]:
+    """The `matekd train` entry point (every rank runs it). `generator_only` (`matekd
+    warmup-generator`) stops after the generator's MLM warm-up: one warmed generator, exported
+    to <run>/generator_warm, can then serve many MATE-KD runs (models.generator=that path)."""
     setup_logging(None)
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
     started = time.time()
@@ -340,6 +444,11 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
              f"{distributed.world_size()} rank(s); run directory {run_dir}")
     try:
         teacher = teacher_phase(p, run_dir, monitor, resume, previous, metrics)
+        generator_phase(p, run_dir, monitor, resume, previous, metrics)
+        if generator_only:
+            metrics.update(status="completed", wall_seconds=time.time() - started)
+            write_metrics(run_dir, metrics)
+            return metrics
         state, student = student_phase(p, teacher, run_dir, monitor, resume)
     except BaseException as err:  # the checkpoints stay; say why the run ended, then re-raise
         write_metrics(run_dir, dict(metrics, status="interrupted", reason=f"{type(err).__name__}: {err}"))
@@ -349,6 +458,7 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     metrics.update({
         "status": "completed",
         "student": {"params": _param_count(student), "steps": state.step},
+        "memory": p.memory,
         "final": state.evaluations[-1]["dev"],
         "best": state.best,
         "evaluations": state.evaluations,

@@ -22,6 +22,8 @@ from matekd_ds.monitor import Monitor, log
 
 # Fault injection for the crash/resume tests: raise after this many steps of a phase.
 CRASH_ENV = "MATEKD_CRASH_AFTER_STEP"
+# Each phase draws its own masks and noise (the student phase's offset is 7_919).
+PHASE_SEED_OFFSETS = {"teacher": 0, "student": 7_919, "generator_warmup": 104_723}
 
 
 @dataclass
@@ -55,8 +57,12 @@ class StopRequested(Exception):
 class Trainer:
     def __init__(self, method, eval_model: torch.nn.Module, train: Encoded, dev: dict[str, Encoded], spec,
                  loop: LoopConfig, checkpointer: Checkpointer, monitor: Monitor, pad_id: int,
-                 device: torch.device, on_best: Callable[[], None] | None = None):
+                 device: torch.device, on_best: Callable[[], None] | None = None,
+                 evaluator: Callable[[], dict[str, dict[str, float]]] | None = None, metric_name: str | None = None):
         self.method, self.eval_model = method, eval_model
+        # evaluator: {split: {metric: value, "main": value}}; default = the task's dev metrics.
+        self.evaluator = evaluator or (lambda: evaluate(eval_model, dev, spec, loop.eval_batch, pad_id, device))
+        self.metric_name = metric_name or spec.main_metric
         self.train_data, self.dev, self.spec = train, dev, spec
         self.loop, self.checkpointer, self.monitor = loop, checkpointer, monitor
         self.pad_id, self.device, self.on_best = pad_id, device, on_best
@@ -68,7 +74,7 @@ class Trainer:
     # -- seeds: a pure function of (seed, phase, step, micro-batch, rank), so a resumed run
     #    draws the same masks and Gumbel noise as an uninterrupted one.
     def micro_seeds(self, step: int) -> list[int]:
-        base = (self.loop.seed * 1_000_003 + (0 if self.loop.phase == "teacher" else 7_919)) % (1 << 31)
+        base = (self.loop.seed * 1_000_003 + PHASE_SEED_OFFSETS.get(self.loop.phase, 7_919)) % (1 << 31)
         return [
             (base * 31 + step * 104_729 + micro * 1_299_709 + self.rank * 15_485_863) % (1 << 62)
             for micro in range(self.loop.grad_accum)
@@ -135,8 +141,11 @@ class Trainer:
         log.warning("stop requested: saving a checkpoint at the next step boundary")
 
     def _log_window(self, window: dict[str, list], bar) -> None:
-        # .item() happens here, once per window, not once per step.
-        scalars = {name: float(total) / count for name, (total, count) in window.items()}
+        # .item() happens here, once per window, not once per step. Several ranks: the mean over
+        # ranks, i.e. the loss of the global batch (every rank logs at the same steps).
+        names = sorted(window)
+        means = distributed.mean_over_ranks([window[name][0] for name in names])
+        scalars = {name: total / window[name][1] for name, total in zip(names, means)}
         scalars[f"{self.loop.phase}/lr"] = self._lr()
         scalars[f"{self.loop.phase}/samples_per_s"] = self.state.samples / max(self.state.train_seconds, 1e-9)
         self.monitor.write(self.state.step, scalars)
@@ -144,11 +153,15 @@ class Trainer:
         bar.set_postfix(shown, refresh=False)
 
     def _lr(self) -> float:
-        engine = self.method.engines["student"]
+        engine = next(iter(self.method.engines.values()))  # the student's, when there is one
         return float(engine.get_lr()[0])
 
     def run_evaluation(self) -> dict[str, Any]:
-        results = evaluate(self.eval_model, self.dev, self.spec, self.loop.eval_batch, self.pad_id, self.device)
+        results = self.evaluator()
+        for engine in self.method.engines.values():
+            # ZeRO-3 keeps weights gathered after forward-only passes when its recorded trace
+            # expects a backward next; free them (no-op below stage 3)
+            engine.empty_partition_cache()
         record = {"step": self.state.step, "phase": self.loop.phase, "dev": results}
         self.state.evaluations.append(record)
         score = main_score(results)
@@ -160,7 +173,7 @@ class Trainer:
         flat = {f"{self.loop.phase}_eval/{split}_{name}": value
                 for split, metrics in results.items() for name, value in metrics.items()}
         self.monitor.write(self.state.step, flat)
-        summary = ", ".join(f"{split} {self.spec.main_metric} {m['main']:.4f}" for split, m in results.items())
+        summary = ", ".join(f"{split} {self.metric_name} {m['main']:.4f}" for split, m in results.items())
         log.info(f"[{self.loop.phase}] step {self.state.step}/{self.loop.total_steps}: {summary}{' (best)' if improved else ''}")
         return record
 

@@ -21,6 +21,7 @@ def assert_one_line_error(result, fragment):
     (["task=glue-ish"], "glue-ish"),
     (["task=sst2", "data.path=/does/not/exist"], "/does/not/exist"),
     (["deepspeed.student=zero9"], "unknown DeepSpeed preset 'zero9'"),
+    (["method=kd", "deepspeed.teacher=zero2"], "deepspeed.teacher: preset zero2 has ZeRO stage 2"),
     (["models.teacher=/no/such/teacher"], "could not load the teacher from '/no/such/teacher'"),
     (["--config", "/no/such/run.yaml"], "config file not found"),
 ])

@@ -23,6 +23,11 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def head(self, n: int) -> "Encoded":
+        """The first n examples."""
+        types = self.token_type_ids[:n] if self.token_type_ids is not None else None
+        return Encoded(self.input_ids[:n], types, self.labels[:n], self.regression)
+
     @property
     def num_tokens(self) -> int:
         return sum(len(ids) for ids in self.input_ids)

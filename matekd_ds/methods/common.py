@@ -45,9 +45,10 @@ class CleanTeacher:
     these never change: with a precomputed table (one sharded pass over the training set) a
     lookup by example index replaces the teacher forward on clean text in every step."""
 
-    def __init__(self, teacher: nn.Module, table: torch.Tensor | None = None):
+    def __init__(self, teacher: nn.Module, table: torch.Tensor | None = None, engine=None):
         self.teacher = teacher
         self.table = table  # [N, C] on the device, or None to run the teacher each step
+        self.engine = engine  # the teacher's ZeRO-3 inference engine (deepspeed.teacher), or None
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -4,6 +4,7 @@ Each cycle: `generator_steps` generator (max) steps, then `student_steps` studen
 
   generator step:  y = GumbelST(generator(masked x))           masked rows only
                    loss_G = −div(student(x ⊕ y·E_s), teacher(x ⊕ y·E_t))      student frozen
+                   (y·E inside each model's word-embedding forward: ZeRO-3 gathers E there)
   student step:    x' = x with masked rows ← sampled ids       no gradient
                    loss_S = w₀·CE(student(x), labels) + w₁·div(student(x), teacher(x))
                                                       + w₂·div(student(x'), teacher(x'))
@@ -15,7 +16,8 @@ import torch
 
 from matekd_ds.losses import divergence, task_loss
 from matekd_ds.methods.common import CleanTeacher, doubled, frozen, model_inputs
-from matekd_ds.perturb import Perturber, soft_inputs_embeds
+from matekd_ds.partition import release_backward_leftovers
+from matekd_ds.perturb import Perturber, soft_embeddings
 
 
 def cycle_phase(step: int, generator_steps: int, student_steps: int) -> str:
@@ -65,13 +67,19 @@ class MateKD:
     def generator_micro_step(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         mb = self.perturber.mask_batch(batch, seed)
         y = self.perturber.sample_soft(self.generator.module, mb, seed + 1)
+        inputs = dict(mb.model_kwargs(), input_ids=mb.input_ids)
         student = self.student.module  # the bare module: the student engine must not see this backward
-        with frozen(student):
-            student_logits = student(inputs_embeds=soft_inputs_embeds(student, mb, y), **mb.model_kwargs()).logits
-        teacher_logits = self.teacher(inputs_embeds=soft_inputs_embeds(self.teacher, mb, y), **mb.model_kwargs()).logits
+        with frozen(student), soft_embeddings(student, mb.mask, y):
+            student_logits = student(**inputs).logits
+        # The teacher is a plain frozen module or a ZeRO-3 engine's module (never the engine:
+        # this backward belongs to the generator's engine).
+        with soft_embeddings(self.teacher, mb.mask, y):
+            teacher_logits = self.teacher(**inputs).logits
         adversarial = self.div(student_logits, teacher_logits)
         loss = -adversarial  # the generator maximises the divergence
         self.generator.backward(loss)
+        release_backward_leftovers(self.student)  # ZeRO-3: the word embeddings gathered for y @ E
+        release_backward_leftovers(self.clean_teacher.engine)
         self.generator.step()
         return {"gen_div": adversarial, "masked_tokens": mb.mask.sum().float()}
 

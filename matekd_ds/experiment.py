@@ -1,0 +1,427 @@
+"""`matekd experiment SPEC.yaml`: FT, KD and MATE-KD students over tasks and seeds, one table.
+
+Per task, in order:
+  1. the teacher: fine-tuned once (a `matekd train method=ft` run of the teacher model), or a
+     fine-tuned checkpoint given in the spec;
+  2. the generator: warmed up once with MLM on the task's text (`matekd warmup-generator`), if
+     the spec asks for it; every MATE-KD seed then starts from the same warmed generator;
+  3. the students: every method x seed, each its own `matekd train` run directory.
+
+Each run is a separate process (optionally under a launcher such as `deepspeed --num_gpus 8`),
+logs to <out>/<task>/logs/<run>.log, and is skipped when its metrics.json says "completed", so
+rerunning the same command resumes an interrupted sweep (an interrupted run continues from its
+checkpoint). At the end: <out>/results.json (task -> method -> per-seed best dev main metric, in
+percent), results.md (mean ± std), details.json (teacher scores, curves, wall times) and
+dev_curves.png.
+
+Spec (YAML):
+    output_dir: runs/minilm-glue
+    report_dir: runs/minilm-glue      # optional; where results.* go (default: output_dir)
+    tasks: {sst2: {data: {path: ../shared/data/glue/SST-2, max_train_examples: 2000}}, ...}
+    methods: [ft, kd, matekd]
+    seeds: [1, 2, 3]
+    base: {...}                       # run-config keys shared by every run
+    method_overrides: {matekd: {...}} # run-config keys per method
+    teacher: {model: PATH, finetune: {...run-config keys of the teacher's ft run...}}
+             # or finetuned: {sst2: PATH, ...} to skip fine-tuning
+    generator: {model: PATH, mlm_warmup: {matekd: {generator_mlm_warmup_steps: 300}}}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from matekd_ds.config import METHODS, _merge, config_from_dict, read_config_file
+from matekd_ds.errors import MatekdError
+
+SPEC_KEYS = {"output_dir", "report_dir", "tasks", "methods", "seeds", "base", "method_overrides", "teacher", "generator"}
+# Lines of a run's output worth echoing while it runs: evaluations, phase starts, errors.
+ECHO_MARKERS = ("] step ", "fine-tuning for", "warm-up for", "] matekd for", "] kd for", "] ft for",
+                "error", "Error", "Traceback")
+
+
+@dataclass
+class Run:
+    task: str
+    name: str  # "teacher", "generator", or "<method>-seed<k>"
+    kind: str  # "teacher", "generator" or "student"
+    config: dict[str, Any]
+    run_dir: Path
+    command: str = "train"  # or "warmup-generator"
+    method: str | None = None
+    seed: int | None = None
+    needs: list[str] = field(default_factory=list)  # names of runs of the same task this one needs
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}/{self.name}"
+
+    def completed(self) -> bool:
+        return _metrics(self.run_dir).get("status") == "completed"
+
+
+def _metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metrics.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec and the plan
+
+
+def _expand_env(value: Any, path: str | Path) -> Any:
+    """${VAR} in any string of the spec (model paths differ between machines)."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, path) for v in value]
+    if isinstance(value, str) and "$" in value:
+        expanded = os.path.expandvars(value)
+        if "$" in expanded:
+            raise MatekdError(f"experiment spec {path}: environment variable in '{value}' is not set")
+        return expanded
+    return value
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    spec = _expand_env(read_config_file(path), path)
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise MatekdError(f"experiment spec {path}: unknown key '{sorted(unknown)[0]}' (valid: {', '.join(sorted(SPEC_KEYS))})")
+    for key in ("output_dir", "tasks", "teacher"):
+        if not spec.get(key):
+            raise MatekdError(f"experiment spec {path}: '{key}' is required")
+    if not isinstance(spec["tasks"], dict):
+        raise MatekdError(f"experiment spec {path}: 'tasks' must map task names to run-config overrides")
+    methods = spec.setdefault("methods", list(METHODS))
+    overrides = spec.get("method_overrides") or {}
+    for name in methods:  # a method, or a variant: a name whose overrides say `method: ...`
+        if base_method(name, overrides) not in METHODS:
+            raise MatekdError(f"experiment spec {path}: unknown method '{name}' (valid: {', '.join(METHODS)}, "
+                              "or a variant name with method_overrides.<name>.method)")
+    seeds = spec.setdefault("seeds", [1, 2, 3])
+    if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise MatekdError(f"experiment spec {path}: 'seeds' must be a list of distinct integers")
+    teacher = spec["teacher"]
+    if not isinstance(teacher, dict) or not (teacher.get("model") or teacher.get("finetuned")):
+        raise MatekdError(f"experiment spec {path}: teacher needs 'model' (fine-tuned per task) or 'finetuned' paths")
+    if any(base_method(m, overrides) == "matekd" for m in methods) and not (spec.get("generator") or {}).get("model"):
+        raise MatekdError(f"experiment spec {path}: method matekd needs generator.model")
+    return spec
+
+
+def base_method(name: str, method_overrides: dict[str, Any]) -> str:
+    """`kd`, or the method a variant such as `matekd-lr1e-5` names in its overrides."""
+    return (method_overrides.get(name) or {}).get("method", name)
+
+
+def _models(**values: Any) -> dict[str, Any]:
+    return {"models": {k: v for k, v in values.items()}}
+
+
+def plan(spec: dict[str, Any]) -> list[Run]:
+    """Every run of the sweep, each with its full run config, validated before anything runs."""
+    out = Path(spec["output_dir"])
+    base = spec.get("base") or {}
+    method_overrides = spec.get("method_overrides") or {}
+    teacher, generator = spec["teacher"], spec.get("generator") or {}
+    runs: list[Run] = []
+    for task, task_overrides in spec["tasks"].items():
+        common = _merge(_merge(base, task_overrides or {}), {"task": task})
+        task_dir = out / task
+        finetuned = (teacher.get("finetuned") or {}).get(task)
+        needs: list[str] = []
+        if finetuned:
+            teacher_path = str(finetuned)
+        else:
+            if not teacher.get("model"):
+                raise MatekdError(f"experiment spec: no teacher for task {task} (teacher.model or teacher.finetuned.{task})")
+            teacher_cfg = _merge(_merge(common, teacher.get("finetune") or {}), {
+                "method": "ft", **_models(student=teacher["model"], student_init_from_teacher_layers=None,
+                                          teacher_finetune_epochs=0)})
+            runs.append(Run(task, "teacher", "teacher", teacher_cfg, task_dir / "teacher"))
+            teacher_path = str(task_dir / "teacher" / "student_best")
+            needs.append("teacher")
+        generator_path = generator.get("model")
+        student_needs = list(needs)
+        uses_generator = any(base_method(m, method_overrides) == "matekd" for m in spec["methods"])
+        if uses_generator and generator.get("mlm_warmup"):
+            warm_cfg = _merge(_merge(_merge(common, method_overrides.get("matekd") or {}), generator["mlm_warmup"]), {
+                "method": "matekd", **_models(teacher=teacher_path, generator=generator_path, teacher_finetune_epochs=0)})
+            runs.append(Run(task, "generator", "generator", warm_cfg, task_dir / "generator",
+                            command="warmup-generator", needs=list(needs)))
+            generator_path = str(task_dir / "generator" / "generator_warm")
+        for name in spec["methods"]:
+            method = base_method(name, method_overrides)
+            for seed in spec["seeds"]:
+                cfg = _merge(_merge(common, method_overrides.get(name) or {}), {
+                    "method": method, "train": {"seed": seed},
+                    **_models(teacher=teacher_path, teacher_finetune_epochs=0,
+                              **({"generator": generator_path} if generator_path else {})),
+                })
+                if method == "matekd":
+                    cfg = _merge(cfg, {"matekd": {"generator_mlm_warmup_steps": 0}})
+                run_needs = student_needs + (["generator"] if method == "matekd" and generator.get("mlm_warmup") else [])
+                runs.append(Run(task, f"{name}-seed{seed}", "student", cfg, task_dir / f"{name}-seed{seed}",
+                                method=name, seed=seed, needs=run_needs))
+    # Preparation first; then seed by seed, so that a sweep cut short still covers every task.
+    order = {seed: i for i, seed in enumerate(spec["seeds"])}
+    runs.sort(key=lambda r: (r.kind == "student", order.get(r.seed, -1)))
+    for run in runs:
+        run.config = _merge(run.config, {"output": {"dir": str(run.run_dir)}, "logging": {"progress": False}})
+        try:
+            config_from_dict(json.loads(json.dumps(run.config)))
+        except MatekdError as err:
+            raise MatekdError(f"experiment run {run.label}: {err}") from None
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _command(run: Run, config_path: Path, launcher: str | None) -> list[str]:
+    prefix = shlex.split(launcher) + ["--module", "matekd_ds"] if launcher else [sys.executable, "-m", "matekd_ds"]
+    args = [run.command, "--config", str(config_path)]
+    if (run.run_dir / "config.yaml").is_file():
+        args.append("--resume")  # started before: continue from its checkpoint
+    return prefix + args
+
+
+def execute(run: Run, launcher: str | None) -> tuple[int, str]:
+    """Run one job to the end, its output to a log file; echo its evaluations. (rc, last error line)"""
+    logs = run.run_dir.parent / "logs"
+    configs = run.run_dir.parent / "configs"
+    logs.mkdir(parents=True, exist_ok=True)
+    configs.mkdir(parents=True, exist_ok=True)
+    config_path = configs / f"{run.name}.yaml"
+    config_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    last_error = ""
+    with open(logs / f"{run.name}.log", "a") as log_file:
+        process = subprocess.Popen(_command(run, config_path, launcher), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert process.stdout is not None
+        for line in process.stdout:
+            log_file.write(line)
+            if any(marker in line for marker in ECHO_MARKERS):
+                print(f"    {line.rstrip()}", flush=True)
+            if line.startswith("matekd: error") or "Error" in line:
+                last_error = line.strip()
+        rc = process.wait()
+    return rc, last_error
+
+
+def _eta(runs: list[Run], durations: dict[str, list[float]]) -> str:
+    known = [statistics.mean(durations[r.kind + (r.method or "")]) for r in runs
+             if durations.get(r.kind + (r.method or ""))]
+    if not known:
+        return "unknown"
+    # Runs of a kind not timed yet are guessed at the mean of the timed ones.
+    total = sum(known) + (len(runs) - len(known)) * statistics.mean(known)
+    return _duration(total)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def run_all(runs: list[Run], launcher: str | None) -> list[str]:
+    """Run what is not finished yet, in order; a run whose prerequisite failed is skipped.
+    Returns the labels of failed or skipped runs."""
+    todo = [r for r in runs if not r.completed()]
+    print(f"[experiment] {len(runs)} runs, {len(runs) - len(todo)} already finished, {len(todo)} to go", flush=True)
+    durations: dict[str, list[float]] = {}
+    failed: set[str] = set()
+    problems: list[str] = []
+    for i, run in enumerate(todo, 1):
+        if any(f"{run.task}/{need}" in failed for need in run.needs):
+            failed.add(run.label)
+            problems.append(f"{run.label} (skipped: {', '.join(run.needs)} failed)")
+            continue
+        print(f"[experiment] [{i}/{len(todo)}] {run.label} (ETA of the rest: {_eta(todo[i - 1:], durations)})", flush=True)
+        started = time.time()
+        rc, last_error = execute(run, launcher)
+        elapsed = time.time() - started
+        if rc != 0:
+            failed.add(run.label)
+            problems.append(f"{run.label} (exit {rc}: {last_error or 'see its log'})")
+            print(f"[experiment]     FAILED after {_duration(elapsed)}: {last_error or 'see ' + str(run.run_dir.parent / 'logs')}", flush=True)
+            continue
+        durations.setdefault(run.kind + (run.method or ""), []).append(elapsed)
+        print(f"[experiment]     done in {_duration(elapsed)}{_headline(run)}", flush=True)
+    return problems
+
+
+def _headline(run: Run) -> str:
+    metrics = _metrics(run.run_dir)
+    if run.kind == "generator":
+        warm = metrics.get("generator_warmup") or {}
+        if "dev_after" in warm:
+            return f": dev masked-token accuracy {warm['dev_before']['accuracy']:.3f} -> {warm['dev_after']['accuracy']:.3f}"
+        return ""
+    best = metrics.get("best")
+    if not best:
+        return ""
+    return f": best dev {metrics.get('metric', 'main')} {100 * _first_split(best['dev'])['main']:.2f}"
+
+
+def _first_split(dev: dict[str, dict[str, float]]) -> dict[str, float]:
+    return next(iter(dev.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.mean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(runs: list[Run]) -> dict[str, Any]:
+    """Per task: the metric, the teacher's score, each method's per-seed best and final dev
+    main metric (percent) with its dev curve, and wall-clock times."""
+    tasks: dict[str, Any] = {}
+    for run in runs:
+        metrics = _metrics(run.run_dir)
+        task = tasks.setdefault(run.task, {"metric": None, "teacher": None, "methods": {}, "wall_seconds": 0.0})
+        if metrics.get("status") != "completed":
+            continue
+        task["wall_seconds"] += metrics.get("wall_seconds", 0.0)
+        if run.kind == "generator":
+            task["generator_warmup"] = metrics.get("generator_warmup")
+            continue
+        if run.kind == "teacher":
+            continue
+        task["metric"] = metrics["metric"]
+        if "teacher" in metrics:
+            task["teacher"] = 100 * _first_split(metrics["teacher"]["dev"])["main"]
+        entry = task["methods"].setdefault(run.method, {"seeds": [], "best": [], "final": [], "curves": [],
+                                                        "train_seconds": []})
+        entry["seeds"].append(run.seed)
+        entry["best"].append(100 * _first_split(metrics["best"]["dev"])["main"])
+        entry["final"].append(100 * _first_split(metrics["final"])["main"])
+        entry["curves"].append([(e["step"], 100 * _first_split(e["dev"])["main"]) for e in metrics["evaluations"]])
+        entry["train_seconds"].append(metrics["throughput"]["train_seconds"])
+    return tasks
+
+
+def results_table(tasks: dict[str, Any], methods: list[str]) -> str:
+    names = list(tasks)
+    header = "| method | " + " | ".join(f"{t} ({tasks[t]['metric'] or '?'})" for t in names) + " | average |"
+    lines = [header, "|" + "---|" * (len(names) + 2)]
+    teacher_row = [tasks[t]["teacher"] for t in names]
+    if any(v is not None for v in teacher_row):
+        shown = [f"{v:.2f}" if v is not None else "–" for v in teacher_row]
+        known = [v for v in teacher_row if v is not None]
+        avg = f"{statistics.mean(known):.2f}" if len(known) == len(names) else "–"
+        lines.append("| teacher | " + " | ".join(shown) + f" | {avg} |")
+    for method in methods:
+        cells, means = [], []
+        for t in names:
+            entry = tasks[t]["methods"].get(method)
+            if not entry or not entry["best"]:
+                cells.append("–")
+                continue
+            mean, std = _mean_std(entry["best"])
+            means.append(mean)
+            cells.append(f"{mean:.2f} ± {std:.2f} (n={len(entry['best'])})")
+        avg = f"{statistics.mean(means):.2f}" if len(means) == len(names) else "–"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg} |")
+    return "\n".join(lines)
+
+
+def plot_curves(tasks: dict[str, Any], methods: list[str], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[experiment] matplotlib is not installed (pip install -e '.[bench]'): no dev-curve plot")
+        return False
+    cols = min(4, len(tasks))
+    rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, task) in zip(axes.flat, tasks.items()):
+        for method in methods:
+            entry = task["methods"].get(method)
+            if not entry or not entry["curves"]:
+                continue
+            steps = [s for s, _ in entry["curves"][0]]
+            aligned = [c for c in entry["curves"] if [s for s, _ in c] == steps]
+            mean = [statistics.mean(c[i][1] for c in aligned) for i in range(len(steps))]
+            std = [statistics.stdev(c[i][1] for c in aligned) if len(aligned) > 1 else 0.0 for i in range(len(steps))]
+            ax.plot(steps, mean, marker="o", markersize=3, label=method)
+            ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        if task["teacher"] is not None:
+            ax.axhline(task["teacher"], color="grey", linestyle="--", linewidth=1, label="teacher")
+        ax.set_title(name)
+        ax.set_xlabel("student step")
+        ax.set_ylabel(f"dev {task['metric'] or ''}")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(spec: dict[str, Any], runs: list[Run]) -> Path:
+    out = Path(spec.get("report_dir") or spec["output_dir"])  # several specs may share output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = collect(runs)
+    methods = spec["methods"]
+    raw = {t: {m: task["methods"][m]["best"] for m in methods if m in task["methods"]} for t, task in tasks.items()}
+    (out / "results.json").write_text(json.dumps(raw, indent=2) + "\n")
+    (out / "details.json").write_text(json.dumps(tasks, indent=2) + "\n")
+    table = results_table(tasks, methods)
+    plotted = plot_curves(tasks, methods, out / "dev_curves.png")
+    wall = sum(t["wall_seconds"] for t in tasks.values())
+    text = [
+        "Best dev score of each student run (percent; accuracy, F1 for MRPC, Pearson for STS-B), "
+        "mean ± sample std over seeds.",
+        "",
+        table,
+        "",
+        f"Wall-clock time of the finished runs: {_duration(wall)}.",
+    ]
+    if plotted:
+        text += ["", "Dev curves (mean ± std over seeds): dev_curves.png"]
+    (out / "results.md").write_text("\n".join(text) + "\n")
+    print("\n" + table + "\n", flush=True)
+    print(f"[experiment] results: {out / 'results.md'}, {out / 'results.json'}, {out / 'details.json'}", flush=True)
+    return out
+
+
+def main(spec_path: str, dry_run: bool = False, launcher: str | None = None, report_only: bool = False) -> int:
+    spec = read_spec(spec_path)
+    runs = plan(spec)
+    if dry_run:
+        for run in runs:
+            state = "done" if run.completed() else "todo"
+            print(f"[{state}] {run.label:28s} {run.command} -> {run.run_dir}")
+        return 0
+    problems = [] if report_only else run_all(runs, launcher)
+    write_report(spec, runs)
+    if problems:
+        print("[experiment] not finished: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    return 0
