@@ -35,7 +35,6 @@ rank; needs 1 and 2 in --worlds).
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
@@ -55,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_train import apply_overrides  # noqa: E402  (the same KEY=VALUE checks)
 from provenance import git_commit  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -379,25 +379,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
     plt.close(fig)
     print(f"[bench] plot: {path}")
-
-
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    config = copy.deepcopy(config)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"override '{item}' is not KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise SystemExit(f"unknown key '{key}'")
-        try:
-            node[leaf] = json.loads(raw)
-        except json.JSONDecodeError:
-            node[leaf] = raw
-    return config
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -320,7 +320,21 @@ def collect(runs: list[Run]) -> dict[str, Any]:
         entry["final"].append(100 * _first_split(metrics["final"])["main"])
         entry["curves"].append([(e["step"], 100 * _first_split(e["dev"])["main"]) for e in metrics["evaluations"]])
         entry["train_seconds"].append(metrics["throughput"]["train_seconds"])
+        entry.setdefault("losses", []).append(mean_scalars(run.run_dir / "logs" / "scalars.csv"))
     return tasks
+
+
+def mean_scalars(path: Path) -> dict[str, float]:
+    """The run-average of each logged loss (student/div_perturbed, generator/gen_div, ...):
+    how far the student is from the teacher on clean and on perturbed text."""
+    sums: dict[str, list[float]] = {}
+    if not path.is_file():
+        return {}
+    for line in path.read_text().splitlines()[1:]:
+        _, name, value, *_ = line.split(",")
+        if name.startswith(("student/", "generator/")) and not name.endswith(("lr", "samples_per_s")):
+            sums.setdefault(name, []).append(float(value))
+    return {name: statistics.mean(values) for name, values in sorted(sums.items())}
 
 
 def results_table(tasks: dict[str, Any], methods: list[str]) -> str:

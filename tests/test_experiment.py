@@ -89,6 +89,8 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
     assert "| matekd-fast |" in table and "(n=2)" in table and "| teacher |" in table
     details = json.loads((out / "details.json").read_text())
     assert details["synthetic"]["generator_warmup"]["steps"] == 3
+    losses = details["synthetic"]["methods"]["matekd-fast"]["losses"][0]
+    assert {"student/div_clean", "student/div_perturbed", "generator/gen_div"} <= set(losses)
 
     # rerunning resumes: nothing finished is redone
     again = run_cli(["experiment", str(path)], cwd=tmp_path, timeout=300)

@@ -3,7 +3,7 @@
 import json
 
 import torch
-from helpers import ds_config, run_cli, tiny_batch, tiny_tokenizer
+from helpers import ds_config, run_cli, tiny_tokenizer
 from transformers import BertConfig, BertModel
 
 from matekd_ds import distributed, models
