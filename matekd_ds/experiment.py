@@ -131,7 +131,7 @@ def base_method(name: str, method_overrides: dict[str, Any]) -> str:
 
 
 def _models(**values: Any) -> dict[str, Any]:
-    return {"models": {k: v for k, v in values.items()}}
+    return {"models": dict(values)}
 
 
 def plan(spec: dict[str, Any]) -> list[Run]:
