@@ -128,8 +128,6 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, ranks: int = 1,
             script_args: list[str] | None = None) -> subprocess.CompletedProcess:
     """`python -m matekd_ds ARGS`, or under `deepspeed --num_gpus RANKS --module` (CPU ranks), or
     (launcher="torchrun") `torchrun --nproc_per_node RANKS -m`. `script`: run that file instead."""
-    import os
-
     target = [str(script), *(script_args or [])] if script else ["matekd_ds", *args]
     if ranks == 1 and launcher == "deepspeed":
         command = [sys.executable, *(target if script else ["-m", *target])]
@@ -141,11 +139,16 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, ranks: int = 1,
         port = str(distributed._free_port())
         ds = str(Path(sys.executable).parent / "deepspeed")  # this environment's launcher
         command = [ds, "--num_gpus", str(ranks), "--master_port", port, *(target if script else ["--module", *target])]
-    # An in-process test may have called distributed.init(), which sets RANK/MASTER_PORT... in
-    # this process: a child must form its own world, not join that one's port.
-    inherited = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    full_env = dict(inherited, **(env or {}))
-    return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """This process's environment without the launcher variables. An in-process test may have
+    called distributed.init(), which sets RANK/MASTER_PORT... here (and holds that port): a child
+    must form its own world, not try to join that one."""
+    import os
+
+    return {**{k: v for k, v in os.environ.items() if k not in DIST_ENV}, **(extra or {})}
 
 
 def run_launcher(script: str, args: list[str], cwd: Path, env: dict | None = None,
@@ -155,9 +158,7 @@ def run_launcher(script: str, args: list[str], cwd: Path, env: dict | None = Non
     import os
 
     bin_dir = str(Path(sys.executable).parent)
-    inherited = {k: v for k, v in os.environ.items() if k not in DIST_ENV}  # see run_cli
-    full_env = dict(inherited, MASTER_PORT=str(distributed._free_port()),
-                    PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    full_env.update(env or {})
+    full_env = child_env({"MASTER_PORT": str(distributed._free_port()),
+                          "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(env or {})})
     return subprocess.run(["bash", str(REPO / "launch" / script), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import GLUE, run_cli
+from helpers import GLUE, child_env, run_cli
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason="needs ../shared/data/glue")
@@ -131,7 +131,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
             "models.teacher_finetune_epochs=0.1", "train.max_steps=100000", "train.micro_batch_size=4",
             "output.checkpoint_every=0", "eval.every_steps=0", "logging.log_every=1", "logging.progress=false",
             f"output.dir={out}"]
-    proc = subprocess.Popen([sys.executable, "-m", "matekd_ds", "train", *args], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "matekd_ds", "train", *args], cwd=tmp_path, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     scalars = out / "logs" / "scalars.csv"
     deadline = time.time() + 300
