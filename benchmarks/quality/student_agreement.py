@@ -1,0 +1,144 @@
+"""How closely each finished student of a `matekd experiment` task follows its teacher, on the
+clean dev set and on the same dev set perturbed the MATE-KD way (the warmed generator fills 30%
+masked tokens; one fixed sample, shared by every student).
+
+MATE-KD trains the student to match the teacher on such perturbed text. This measures whether it
+did: per student (its best-dev checkpoint), and as mean ± std per method over the seeds,
+- acc / acc_perturbed: accuracy against the gold labels on clean / perturbed dev text;
+- agree / agree_perturbed: the fraction of dev examples where student and teacher predict the
+  same class;
+- kl / kl_perturbed: KL(teacher || student) of the output distributions, mean over examples.
+
+    python benchmarks/quality/student_agreement.py runs/minilm-glue/sst2 [--out agreement.json]
+
+Classification tasks only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import torch
+
+from matekd_ds import models
+from matekd_ds.config import config_from_dict, read_config_file
+from matekd_ds.data import load_task_data
+from matekd_ds.data.batching import Encoded, collate, encode
+from matekd_ds.methods.common import model_inputs
+from matekd_ds.perturb import Perturber
+
+BATCH = 128
+
+
+def dev_batches(dev: Encoded, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    return [collate(dev, list(range(s, min(s + BATCH, len(dev)))), pad_id) for s in range(0, len(dev), BATCH)]
+
+
+@torch.no_grad()
+def perturbed_copies(batches, generator, perturber: Perturber, seed: int) -> list[torch.Tensor]:
+    out = []
+    for k, batch in enumerate(batches):
+        mb = perturber.mask_batch(batch, seed + 2 * k)
+        out.append(perturber.sample_perturbed_ids(generator, mb, seed + 2 * k + 1))
+    return out
+
+
+@torch.no_grad()
+def logits_of(model, batches, ids: list[torch.Tensor] | None = None) -> torch.Tensor:
+    parts = []
+    for k, batch in enumerate(batches):
+        inputs = model_inputs(batch)
+        if ids is not None:
+            inputs = dict(inputs, input_ids=ids[k])
+        parts.append(model(**inputs).logits.float())
+    return torch.cat(parts)
+
+
+def compare(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    kl = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)
+    return {"acc": float((student.argmax(-1) == labels).float().mean()),
+            "agree": float((student.argmax(-1) == teacher.argmax(-1)).float().mean()),
+            "kl": float(kl.mean())}
+
+
+def student_runs(task_dir: Path) -> list[Path]:
+    def completed(run: Path) -> bool:
+        try:
+            return json.loads((run / "metrics.json").read_text()).get("status") == "completed"
+        except (OSError, ValueError):
+            return False
+
+    return sorted(r for r in task_dir.iterdir() if re.search(r"-seed\d+$", r.name) and (r / "student_best").is_dir()
+                  and completed(r))
+
+
+def summarise(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
+    by_method: dict[str, list[dict[str, float]]] = {}
+    for name, row in per_run.items():
+        by_method.setdefault(re.sub(r"-seed\d+$", "", name), []).append(row)
+    table = {}
+    for method, rows in by_method.items():
+        table[method] = {}
+        for key in rows[0]:
+            values = [r[key] for r in rows]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            table[method][key] = f"{statistics.mean(values):.4f} ± {std:.4f} (n={len(values)})"
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task_dir", type=Path, help="one task of a matekd experiment output_dir, e.g. runs/x/sst2")
+    parser.add_argument("--mask-prob", type=float, default=0.3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write the numbers to this JSON file")
+    args = parser.parse_args()
+
+    runs = student_runs(args.task_dir)
+    if not runs:
+        raise SystemExit(f"student_agreement: no finished student runs in {args.task_dir}")
+    cfg = config_from_dict(read_config_file(runs[0] / "config.yaml"))
+    data = load_task_data(cfg)
+    if data.spec.is_regression:
+        raise SystemExit("student_agreement: classification tasks only")
+    warm = args.task_dir / "generator" / "generator_warm"
+    tokenizer = models.load_tokenizer(str(warm))
+    dev = encode(next(iter(data.dev.values())), tokenizer, cfg.data.max_length, False)
+    batches = dev_batches(dev, tokenizer.pad_token_id)
+    labels = torch.cat([b["labels"] for b in batches])
+
+    generator = models.load_generator(str(warm), tokenizer).eval()
+    perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, args.mask_prob, cfg.matekd.gumbel_tau)
+    noisy_ids = perturbed_copies(batches, generator, perturber, args.seed)
+    teacher = models.load_classifier("teacher", cfg.models.teacher, data.spec.num_labels, tokenizer, False).eval()
+    teacher_clean, teacher_noisy = logits_of(teacher, batches), logits_of(teacher, batches, noisy_ids)
+
+    per_run: dict[str, dict[str, float]] = {}
+    for run in runs:
+        student = models.load_classifier("student", str(run / "student_best"), data.spec.num_labels, tokenizer,
+                                         False).eval()
+        clean = compare(logits_of(student, batches), teacher_clean, labels)
+        noisy = compare(logits_of(student, batches, noisy_ids), teacher_noisy, labels)
+        per_run[run.name] = {**clean, **{f"{k}_perturbed": v for k, v in noisy.items()}}
+        print(run.name, json.dumps({k: round(v, 4) for k, v in per_run[run.name].items()}), flush=True)
+
+    teacher_row = {"acc": float((teacher_clean.argmax(-1) == labels).float().mean()),
+                   "acc_perturbed": float((teacher_noisy.argmax(-1) == labels).float().mean())}
+    table = summarise(per_run)
+    keys = list(next(iter(per_run.values())))
+    print("\n| method | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for method, row in table.items():
+        print(f"| {method} | " + " | ".join(row[k] for k in keys) + " |")
+    print(f"teacher: {json.dumps({k: round(v, 4) for k, v in teacher_row.items()})}")
+    if args.out:
+        args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "mask_prob": args.mask_prob,
+                                        "examples": len(dev), "teacher": teacher_row, "runs": per_run,
+                                        "summary": table}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/quality/student_agreement.py: the per-student comparison with the teacher and the
+per-method summary over seeds."""
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def agreement():
+    path = REPO / "benchmarks" / "quality" / "student_agreement.py"
+    spec = importlib.util.spec_from_file_location("student_agreement", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_counts_accuracy_agreement_and_kl(agreement):
+    teacher = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    student = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    out = agreement.compare(student, teacher, labels)
+    assert out["acc"] == pytest.approx(1 / 3)  # predicts class 0 everywhere; gold is 0, 1, 1
+    assert out["agree"] == pytest.approx(2 / 3)  # the teacher says 0, 1, 0
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    assert out["kl"] == pytest.approx(float((p * (p.log() - q.log())).sum(-1).mean()), rel=1e-6)
+    assert agreement.compare(teacher, teacher, labels)["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_summary_groups_seeds_of_a_method(agreement):
+    per_run = {"kd-seed1": {"acc": 0.5}, "kd-seed2": {"acc": 0.7}, "matekd-3l-seed1": {"acc": 0.6}}
+    table = agreement.summarise(per_run)
+    assert set(table) == {"kd", "matekd-3l"}
+    assert table["kd"]["acc"] == f"0.6000 ± {math.sqrt(0.02):.4f} (n=2)"
+    assert table["matekd-3l"]["acc"] == "0.6000 ± 0.0000 (n=1)"
+
+
+def test_only_finished_student_runs_are_compared(agreement, tmp_path):
+    for name, status in (("kd-seed1", "completed"), ("kd-seed2", "running"), ("teacher", "completed")):
+        (tmp_path / name / "student_best").mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"status": status}))
+    (tmp_path / "ft-seed1").mkdir()  # no metrics.json yet
+    assert [r.name for r in agreement.student_runs(tmp_path)] == ["kd-seed1"]
