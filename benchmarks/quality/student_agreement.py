@@ -28,6 +28,7 @@ from matekd_ds import models
 from matekd_ds.config import config_from_dict, read_config_file
 from matekd_ds.data import load_task_data
 from matekd_ds.data.batching import Encoded, collate, encode
+from matekd_ds.experiment import _metrics as read_metrics
 from matekd_ds.methods.common import model_inputs
 from matekd_ds.perturb import Perturber
 
@@ -66,14 +67,9 @@ def compare(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) 
 
 
 def student_runs(task_dir: Path) -> list[Path]:
-    def completed(run: Path) -> bool:
-        try:
-            return json.loads((run / "metrics.json").read_text()).get("status") == "completed"
-        except (OSError, ValueError):
-            return False
-
+    """The finished student runs (<method>-seed<k>) of one task, as the experiment runner sees them."""
     return sorted(r for r in task_dir.iterdir() if re.search(r"-seed\d+$", r.name) and (r / "student_best").is_dir()
-                  and completed(r))
+                  and read_metrics(r).get("status") == "completed")
 
 
 def summarise(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
