@@ -35,12 +35,9 @@ rank; needs 1 and 2 in --worlds).
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -50,12 +47,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_train import apply_overrides  # noqa: E402  (the same KEY=VALUE checks)
-from provenance import git_commit  # noqa: E402
+from harness import RESULTS, apply_overrides, device_slug, provenance, pyplot, release_memory, save_json, today
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -182,14 +174,12 @@ def make_batches(config: dict, n: int, rank: int, device) -> list[dict]:
 
 def measure_stage(config: dict, stage: int, device) -> dict:
     from matekd_ds import distributed
-    from matekd_ds.engines import (
-        EngineSpec, build_engine, build_teacher_engine, finalize_ds_config, finalize_teacher_ds_config,
-        prepare_teacher, read_ds_config,
-    )
+    from matekd_ds.ds_config import finalize_ds_config, finalize_teacher_ds_config, read_ds_config
+    from matekd_ds.engines import EngineSpec, build_engine, build_teacher_engine, place_frozen_teacher
     from matekd_ds.methods import MateKD
-    from matekd_ds.methods.common import CleanTeacher
-    from matekd_ds.partition import param_bytes, release_backward_leftovers
+    from matekd_ds.partition import param_bytes
     from matekd_ds.perturb import Perturber
+    from matekd_ds.teacher import Teacher
 
     t = config["train"]
     world, dtype = distributed.world_size(), t["dtype"]
@@ -212,7 +202,7 @@ def measure_stage(config: dict, stage: int, device) -> dict:
             read_ds_config("teacher-inference"), micro_batch=t["micro_batch_size"], world_size=world, dtype=dtype))
         teacher = teacher_engine.module
     else:
-        teacher = prepare_teacher(models["teacher"], dtype, device)
+        teacher = place_frozen_teacher(models["teacher"], dtype, device)
     memory: dict[str, dict[str, int]] = {role: {"params": param_bytes(module)["rank_bytes"]}
                                          for role, module in (("teacher", teacher), ("student", student.module),
                                                               ("generator", generator.module))}
@@ -233,7 +223,8 @@ def measure_stage(config: dict, stage: int, device) -> dict:
 
         engine.step = step
     perturber = Perturber(sorted(SPECIAL.values()), SPECIAL["mask"], 0.3, 1.0)
-    method = MateKD(student, generator, CleanTeacher(teacher, engine=teacher_engine), perturber, regression=False,
+    project_teacher = Teacher(teacher, engine=teacher_engine)
+    method = MateKD(student, generator, project_teacher, perturber, regression=False,
                     temperature=1.0, loss_weights=[1 / 3] * 3, generator_steps=N_G, student_steps=N_S)
     cycle = N_G + N_S
     batches = make_batches(config, cycle, distributed.rank(), device)
@@ -255,7 +246,7 @@ def measure_stage(config: dict, stage: int, device) -> dict:
     seconds = time.perf_counter() - started
     steps = config["bench"]["cycles"] * cycle
     # what stays resident between steps (ZeRO-3: partitions plus any full copy still gathered)
-    release_backward_leftovers(teacher_engine)  # as after every generator step
+    project_teacher.release()  # as after every generator step
     for role, module in (("teacher", teacher), ("student", student.module), ("generator", generator.module)):
         memory[role]["params_between_steps"] = param_bytes(module)["rank_bytes"]
     out = {
@@ -274,10 +265,8 @@ def measure_stage(config: dict, stage: int, device) -> dict:
     for engine in (student, generator, teacher_engine):
         if engine is not None:
             engine.destroy()
-    del method, student, generator, teacher, teacher_engine, models
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del method, student, generator, teacher, project_teacher, teacher_engine, models
+    release_memory(device)
     return out
 
 
@@ -351,13 +340,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # noqa: BLE001
-        print(f"[bench] no plot: matplotlib is not importable ({type(exc).__name__})")
+    plt = pyplot()
+    if plt is None:
         return
     stages = sorted({r["stage"] for r in rows})
     panels = [("student params", lambda r: r["memory"]["student"]["params"]),
@@ -415,7 +399,6 @@ def main(argv=None) -> None:
     out_dir = None if args.no_save else (args.out or (RESULTS if on_gpu else None))
     if not args.no_save and out_dir is None:
         raise SystemExit("on a CPU give --out DIR (CPU results are not committed under benchmarks/results/) or --no-save")
-    device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in config["bench"]["worlds"]:
@@ -423,22 +406,12 @@ def main(argv=None) -> None:
     print_table(rows)
     by_world = {r["world_size"]: r["teacher_zero3_rank_bytes"] for r in rows}
     ratio = by_world[2] / by_world[1] if 1 in by_world and 2 in by_world else float("nan")
-    import deepspeed
-    import transformers
-
     payload = {
-        "preset": args.preset, "config": config, "device": device, "git_commit": git_commit(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
-        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+        **provenance(preset=args.preset), "config": config,
         "rows": rows, "teacher_zero3_rank_bytes_by_world": by_world, "teacher_param_bytes_ratio_2v1": ratio,
     }
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        slug = "".join(c if c.isalnum() else "-" for c in (device if on_gpu else "cpu").lower()).strip("-")
-        path = out_dir / f"scale_{args.preset}_{slug}_{datetime.datetime.now():%Y%m%d}.json"
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"[bench] wrote {path}")
+        path = save_json(f"scale_{args.preset}_{device_slug()}_{today()}", payload, out_dir)
         plot(rows, path.with_suffix(".png"))
     print(f"teacher_param_bytes_ratio_2v1: {ratio:.2f}")
 

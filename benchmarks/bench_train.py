@@ -48,31 +48,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
-import datetime
-import gc
-import json
-import logging
 import math
-import os
-import platform
 import statistics
-import sys
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reference_matekd import ReferenceMateKD  # noqa: E402
-from provenance import git_commit  # noqa: E402
+from harness import (
+    Marks, PeakMemory, Restore, apply_overrides, device_name, device_slug, hook_model, provenance, pyplot,
+    quiet_libraries, release_memory, save_json, synchronizer, time_method_as_section, today,
+)
+from reference_matekd import ReferenceMateKD
 
 # Dense bf16 tensor-core peak, FLOP/s (NVIDIA datasheets, SXM parts; H100 PCIe is lower).
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12}
@@ -130,37 +119,6 @@ SPECIAL_IDS = {"bert": {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 10
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
-
-
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    config = copy.deepcopy(config)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"override '{item}' is not KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise SystemExit(f"unknown override key '{key}'")
-            node = node[part]
-        if leaf not in node:
-            raise SystemExit(f"unknown override key '{key}' (valid here: {', '.join(sorted(node))})")
-        value = parse_value(raw)
-        current = node[leaf]
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not type(current):
-            raise SystemExit(f"override '{key}' needs a {type(current).__name__}, got {raw!r}")
-        node[leaf] = value
-    return config
 
 
 def with_teacher(config: dict, size: str) -> dict:
@@ -237,23 +195,19 @@ class Side:
 
 
 def ds_engine_config(config: dict, clip: float) -> dict:
-    from matekd_ds.engines import finalize_ds_config, read_ds_config
+    from matekd_ds.ds_config import finalize_ds_config, read_ds_config
 
     t = config["train"]
     return finalize_ds_config(read_ds_config(t["ds_config"]), micro_batch=t["micro_batch_size"], grad_accum=1,
                               world_size=1, clip=clip, dtype=t["dtype"], zero_stage=t["zero_stage"])
 
 
-def clean_teacher(teacher: nn.Module, batches, cache: bool):
-    """The project's CleanTeacher; with `cache`, its table of clean logits for these batches."""
-    try:
-        from matekd_ds.methods.common import CleanTeacher
-    except ImportError:  # an older MateKD that takes the bare teacher and has no table
-        if cache:
-            raise SystemExit("this matekd_ds has no clean-teacher table: run with project.cache_teacher_logits=false")
-        return teacher
+def project_teacher(teacher: nn.Module, batches, cache: bool):
+    """The project's Teacher; with `cache`, its table of clean logits for these batches."""
+    from matekd_ds.teacher import Teacher
+
     if not cache:
-        return CleanTeacher(teacher)
+        return Teacher(teacher)
     count = sum(len(b["index"]) for b in batches)
     table = None
     with torch.no_grad():
@@ -262,11 +216,11 @@ def clean_teacher(teacher: nn.Module, batches, cache: bool):
             if table is None:
                 table = torch.zeros(count, logits.shape[-1], device=logits.device)
             table[batch["index"]] = logits
-    return CleanTeacher(teacher, table)
+    return Teacher(teacher, clean_table=table)
 
 
 def build_project(config: dict, models: dict[str, nn.Module], device: torch.device, batches) -> Side:
-    from matekd_ds.engines import EngineSpec, build_engine, prepare_teacher
+    from matekd_ds.engines import EngineSpec, build_engine, place_frozen_teacher
     from matekd_ds.methods import MateKD
     from matekd_ds.perturb import Perturber
 
@@ -276,10 +230,10 @@ def build_project(config: dict, models: dict[str, nn.Module], device: torch.devi
                                                          t["lr"], t["weight_decay"], never))
     generator = build_engine(models["generator"], EngineSpec("generator", ds_engine_config(config, mk["generator_clip"]),
                                                              mk["generator_lr"], 0.0, never, schedule="constant"))
-    teacher = prepare_teacher(models["teacher"], t["dtype"], device)
+    teacher = place_frozen_teacher(models["teacher"], t["dtype"], device)
     special = SPECIAL_IDS[config["models"]["family"]]
     perturber = Perturber(sorted(set(special.values())), special["mask"], mk["mask_prob"], mk["tau"])
-    method = MateKD(student, generator, clean_teacher(teacher, batches, config["project"]["cache_teacher_logits"]),
+    method = MateKD(student, generator, project_teacher(teacher, batches, config["project"]["cache_teacher_logits"]),
                     perturber, regression=False, temperature=mk["temperature"],
                     loss_weights=[1 / 3, 1 / 3, 1 / 3], generator_steps=mk["generator_steps"],
                     student_steps=mk["student_steps"])
@@ -316,10 +270,6 @@ def build_sides(config: dict, device: torch.device, batches) -> tuple[Side, Side
 # Timing
 
 
-def synchronizer(device: torch.device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
 def step_seed(config: dict, step: int) -> int:
     return config["bench"]["seed"] * 1_000_003 + step * 104_729
 
@@ -352,51 +302,6 @@ def timed_cycles(side: Side, config: dict, batches, sync) -> dict[str, Any]:
 # The profiled pass: per-model forward/backward with hooks, sections, memory
 
 
-class Marks:
-    """Timestamps of hook events within one step: (role, kind, seconds)."""
-
-    def __init__(self, sync):
-        self.sync, self.events, self.sections = sync, [], {}
-
-    def mark(self, role: str, kind: str) -> None:
-        self.sync()
-        self.events.append((role, kind, time.perf_counter()))
-
-    @contextlib.contextmanager
-    def section(self, name: str):
-        self.sync()
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.sections[name] = self.sections.get(name, 0.0) + time.perf_counter() - began
-
-    def reset(self) -> None:
-        self.events, self.sections = [], {}
-
-
-def output_tensor(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
-
-
-def hook_model(role: str, first: nn.Module, last: nn.Module, embeddings: nn.Module, marks: Marks) -> list:
-    """Forward from `first`'s pre-hook to `last`'s hook; backward from the gradient reaching
-    `last`'s output to the gradient reaching the embeddings' output."""
-    def on_output(module, inputs, output):
-        marks.mark(role, "fwd_end")
-        tensor = output_tensor(output)
-        if tensor.requires_grad:
-            tensor.register_hook(lambda grad: marks.mark(role, "bwd_start"))
-
-    def on_embeddings(module, inputs, output):
-        if output.requires_grad:
-            output.register_hook(lambda grad: marks.mark(role, "bwd_end"))
-
-    return [first.register_forward_pre_hook(lambda module, inputs: marks.mark(role, "fwd_start")),
-            last.register_forward_hook(on_output), embeddings.register_forward_hook(on_embeddings)]
-
-
 def instrument(side: Side, marks: Marks) -> list:
     from matekd_ds.models import masked_lm_parts
 
@@ -410,99 +315,24 @@ def instrument(side: Side, marks: Marks) -> list:
     if side.name == "project":
         for engine in side.method.engines.values():
             for method_name, section in (("backward", "backward"), ("step", "optimizer")):
-                original = getattr(engine, method_name)
-                setattr(engine, method_name, wrapped(original, marks, section))
-                handles.append(Restore(engine, method_name))
+                handles.append(time_method_as_section(engine, method_name, marks, section))
     else:
         side.method.section = marks.section
         handles.append(Restore(side.method, "section", lambda name: contextlib.nullcontext()))
     return handles
 
 
-def wrapped(function, marks: Marks, section: str):
-    def timed(*args, **kwargs):
-        with marks.section(section):
-            return function(*args, **kwargs)
-    return timed
-
-
-@dataclass
-class Restore:
-    """Undo an instance attribute patch (a handle like a hook's)."""
-    owner: Any
-    name: str
-    value: Any = None  # None: the patch shadowed a class attribute, so deleting it restores that
-
-    def remove(self) -> None:
-        if self.value is None:
-            delattr(self.owner, self.name)
-        else:
-            setattr(self.owner, self.name, self.value)
-
-
 def breakdown(marks: Marks, total: float) -> dict[str, float]:
     out: dict[str, float] = {"step": total}
     for role in ("generator", "teacher", "student"):
-        starts = [t for r, k, t in marks.events if r == role and k == "fwd_start"]
-        ends = [t for r, k, t in marks.events if r == role and k == "fwd_end"]
-        out[f"{role}_forward"] = sum(e - s for s, e in zip(starts, ends))
-        bwd_start = [t for r, k, t in marks.events if r == role and k == "bwd_start"]
-        bwd_end = [t for r, k, t in marks.events if r == role and k == "bwd_end"]
-        out[f"{role}_backward"] = max(bwd_end) - min(bwd_start) if bwd_start and bwd_end else 0.0
+        out[f"{role}_forward"] = marks.forward_seconds(role)
+        out[f"{role}_backward"] = marks.backward_seconds(role)
     out["backward"] = marks.sections.get("backward", 0.0)
     out["optimizer"] = marks.sections.get("optimizer", 0.0)
     out["backward_other"] = out["backward"] - sum(out[f"{r}_backward"] for r in ("generator", "teacher", "student"))
     out["other"] = total - sum(out[f"{r}_forward"] for r in ("generator", "teacher", "student")) \
         - out["backward"] - out["optimizer"]
     return out
-
-
-class PeakMemory:
-    """Peak memory above the starting point while the block runs."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_extra, self._stop = device, 0, threading.Event()
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self._start = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            trim_malloc()
-            self._start = self._peak = rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self._peak = max(self._peak, rss_bytes())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_extra = torch.cuda.max_memory_allocated() - self._start
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_extra = max(self._peak, rss_bytes()) - self._start
-        return False
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def trim_malloc() -> None:
-    """Hand freed heap back to the OS so the next side's RSS peak starts from a clean floor."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def profiled_pass(side: Side, config: dict, batches, device: torch.device) -> dict[str, Any]:
@@ -617,12 +447,6 @@ def summarise(runs: list[dict], profile: dict, config: dict, batches, device: to
     return out
 
 
-def release_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 # ---------------------------------------------------------------------------------------------
 # Reporting
 
@@ -655,42 +479,9 @@ def print_figures(figures: dict) -> None:
             print(f"  {key:32s}{pb[key] * 1e3:>12.1f}{rb.get(key, float('nan')) * 1e3:>12.1f}")
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
-
-
-def versions() -> dict[str, str]:
-    import deepspeed
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "cuda": str(torch.version.cuda)}
-
-
-def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return path
-
-
-def plot_sweep(kind: str, points: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # noqa: BLE001
-        print(f"[bench] no plot: matplotlib is not importable ({type(exc).__name__})")
+def plot_sweep(kind: str, points: list[dict], path) -> None:
+    plt = pyplot()
+    if plt is None:
         return
     values = [str(p["value"]) for p in points]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -734,12 +525,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     quiet_libraries()
@@ -753,9 +538,8 @@ def main(argv=None) -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if config["train"]["dtype"] != "fp32" and device.type != "cuda":
         raise SystemExit(f"preset {args.preset} runs in {config['train']['dtype']}: it needs a GPU")
-    stamp = datetime.datetime.now().strftime("%Y%m%d")
-    meta = {"preset": args.preset, "device": device_name(device), "versions": versions(), "git_commit": git_commit(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:]}
+    stamp = today()
+    meta = provenance(device, preset=args.preset)
     if args.sweep:
         points = []
         for value, point_config in sweep_configs(config, args.sweep):
@@ -766,9 +550,8 @@ def main(argv=None) -> None:
         speedup = math.exp(statistics.mean(math.log(p["figures"]["speedup"]) for p in points))
         if not args.no_save:
             name = f"train_sweep-{args.sweep}_{args.preset}_{device_slug(device)}_{stamp}"
-            path = save(name, {**meta, "sweep": args.sweep, "points": points, "speedup_geomean": speedup})
+            path = save_json(name, {**meta, "sweep": args.sweep, "points": points, "speedup_geomean": speedup})
             plot_sweep(args.sweep, points, path.with_suffix(".png"))
-            print(f"[bench] wrote {path}")
         print(f"speedups per {args.sweep}: " + ", ".join(f"{p['value']}: {p['figures']['speedup']:.2f}" for p in points))
         print(f"speedup: {speedup:.2f}")
         return
@@ -776,8 +559,7 @@ def main(argv=None) -> None:
     figures = measure(config, device)
     print_figures(figures)
     if not args.no_save:
-        path = save(f"train_{args.preset}_{device_slug(device)}_{stamp}", {**meta, "config": config, "figures": figures})
-        print(f"[bench] wrote {path}")
+        save_json(f"train_{args.preset}_{device_slug(device)}_{stamp}", {**meta, "config": config, "figures": figures})
     print(f"speedup: {figures['speedup']:.2f}")
 
 

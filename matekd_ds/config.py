@@ -108,11 +108,15 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     clip: float = 5.0
     seed: int = 42
-    dtype: str = "auto"  # auto = what the student's DeepSpeed config enables, else fp32
+    # auto = what the DeepSpeed configs of the trained engines (student, generator) enable, else
+    # fp32; they must agree. The teacher runs in the same precision.
+    dtype: str = "auto"
     # kd/matekd: compute the frozen teacher's clean-text logits once (one sharded pass over the
     # training set) instead of in every step. Same values, one teacher forward fewer per step.
     cache_teacher_logits: bool = True
-    zero_stage: int | None = None  # overrides every engine's DeepSpeed config
+    # Overrides the ZeRO stage of the trained engines (student, generator, and the teacher when it
+    # is fine-tuned); the frozen teacher's engine is set by deepspeed.teacher.
+    zero_stage: int | None = None
 
 
 @dataclass
@@ -241,11 +245,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` deep-merged over `base` (nested mappings merged key by key); neither is modified."""
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -309,7 +314,7 @@ def _fix_yaml_floats(data: Any) -> Any:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     data: dict[str, Any] = read_config_file(path) if path else {}
     for text in overrides or []:
-        data = _merge(data, parse_override(text))
+        data = merge(data, parse_override(text))
     cfg = _build(RunConfig, data)
     validate(cfg)
     return cfg

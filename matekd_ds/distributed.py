@@ -81,14 +81,6 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def mean_over_ranks(values: list) -> list[float]:
     """Each value (a number or a 0-d tensor) averaged over the ranks; one all-reduce for all."""
     local = torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().cpu() for v in values]) if values else None

@@ -1,4 +1,5 @@
-"""Dev-set evaluation, sharded over ranks and gathered without duplicates or drops."""
+"""Dev-set evaluation, sharded over ranks and gathered without duplicates or drops, and the
+evaluator a training loop calls."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import torch
 from torch import nn
 
 from matekd_ds import distributed
-from matekd_ds.data.batching import Encoded, collate, eval_shard
+from matekd_ds.data.batching import Encoded, collate, eval_shard, model_inputs, to_device
 from matekd_ds.data.glue import TaskSpec
-from matekd_ds.methods.common import model_inputs, to_device
 from matekd_ds.metrics import task_metrics
 
 
@@ -47,3 +47,16 @@ def evaluate(model: nn.Module, dev: dict[str, Encoded], spec: TaskSpec, batch_si
 def main_score(results: dict[str, dict[str, float]]) -> float:
     """The selection metric: the main metric of the first dev split (MNLI: matched)."""
     return next(iter(results.values()))["main"]
+
+
+class DevEvaluator:
+    """What a training loop calls to score its model: the task's metrics on every dev split."""
+
+    def __init__(self, model: nn.Module, dev: dict[str, Encoded], spec: TaskSpec, batch_size: int, pad_id: int,
+                 device: torch.device):
+        self.model, self.dev, self.spec = model, dev, spec
+        self.batch_size, self.pad_id, self.device = batch_size, pad_id, device
+        self.metric_name = spec.main_metric
+
+    def __call__(self) -> dict[str, dict[str, float]]:
+        return evaluate(self.model, self.dev, self.spec, self.batch_size, self.pad_id, self.device)

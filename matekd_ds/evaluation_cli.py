@@ -3,24 +3,24 @@ sharded over however many ranks the launcher started."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from matekd_ds import distributed, models
 from matekd_ds.config import load_config
-from matekd_ds.data import load_task_data
 from matekd_ds.data.batching import encode
+from matekd_ds.data.tasks import load_task_data
 from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation import evaluate
+from matekd_ds.run_dir import RunDir
 
 
 def _resolve(target: str, config: str | None) -> tuple[str, str | None]:
     """A run directory means its student/ with its config.yaml; anything else is a model."""
-    run = Path(target)
-    if (run / "config.yaml").is_file() and (run / "student" / "config.json").is_file():
-        return str(run / "student"), config or str(run / "config.yaml")
+    run = RunDir(target)
+    if run.is_run():
+        return str(run.model_dir("student")), config or str(run.config_file)
     return target, config
 
 

@@ -43,8 +43,9 @@ from typing import Any
 
 import yaml
 
-from matekd_ds.config import METHODS, _merge, config_from_dict, read_config_file
+from matekd_ds.config import METHODS, config_from_dict, merge, read_config_file
 from matekd_ds.errors import MatekdError
+from matekd_ds.run_dir import RunDir
 
 SPEC_KEYS = {"output_dir", "report_dir", "tasks", "methods", "seeds", "base", "method_overrides", "teacher", "generator"}
 # Lines of a run's output worth echoing while it runs: evaluations, phase starts, errors.
@@ -69,15 +70,7 @@ class Run:
         return f"{self.task}/{self.name}"
 
     def completed(self) -> bool:
-        return _metrics(self.run_dir).get("status") == "completed"
-
-
-def _metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metrics.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
+        return RunDir(self.run_dir).status() == "completed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +135,7 @@ def plan(spec: dict[str, Any]) -> list[Run]:
     teacher, generator = spec["teacher"], spec.get("generator") or {}
     runs: list[Run] = []
     for task, task_overrides in spec["tasks"].items():
-        common = _merge(_merge(base, task_overrides or {}), {"task": task})
+        common = merge(merge(base, task_overrides or {}), {"task": task})
         task_dir = out / task
         finetuned = (teacher.get("finetuned") or {}).get(task)
         needs: list[str] = []
@@ -151,31 +144,31 @@ def plan(spec: dict[str, Any]) -> list[Run]:
         else:
             if not teacher.get("model"):
                 raise MatekdError(f"experiment spec: no teacher for task {task} (teacher.model or teacher.finetuned.{task})")
-            teacher_cfg = _merge(_merge(common, teacher.get("finetune") or {}), {
+            teacher_cfg = merge(merge(common, teacher.get("finetune") or {}), {
                 "method": "ft", **_models(student=teacher["model"], student_init_from_teacher_layers=None,
                                           teacher_finetune_epochs=0)})
             runs.append(Run(task, "teacher", "teacher", teacher_cfg, task_dir / "teacher"))
-            teacher_path = str(task_dir / "teacher" / "student_best")
+            teacher_path = str(RunDir(task_dir / "teacher").model_dir("student_best"))
             needs.append("teacher")
         generator_path = generator.get("model")
         student_needs = list(needs)
         uses_generator = any(base_method(m, method_overrides) == "matekd" for m in spec["methods"])
         if uses_generator and generator.get("mlm_warmup"):
-            warm_cfg = _merge(_merge(_merge(common, method_overrides.get("matekd") or {}), generator["mlm_warmup"]), {
+            warm_cfg = merge(merge(merge(common, method_overrides.get("matekd") or {}), generator["mlm_warmup"]), {
                 "method": "matekd", **_models(teacher=teacher_path, generator=generator_path, teacher_finetune_epochs=0)})
             runs.append(Run(task, "generator", "generator", warm_cfg, task_dir / "generator",
                             command="warmup-generator", needs=list(needs)))
-            generator_path = str(task_dir / "generator" / "generator_warm")
+            generator_path = str(RunDir(task_dir / "generator").model_dir("generator_warm"))
         for name in spec["methods"]:
             method = base_method(name, method_overrides)
             for seed in spec["seeds"]:
-                cfg = _merge(_merge(common, method_overrides.get(name) or {}), {
+                cfg = merge(merge(common, method_overrides.get(name) or {}), {
                     "method": method, "train": {"seed": seed},
                     **_models(teacher=teacher_path, teacher_finetune_epochs=0,
                               **({"generator": generator_path} if generator_path else {})),
                 })
                 if method == "matekd":
-                    cfg = _merge(cfg, {"matekd": {"generator_mlm_warmup_steps": 0}})
+                    cfg = merge(cfg, {"matekd": {"generator_mlm_warmup_steps": 0}})
                 run_needs = student_needs + (["generator"] if method == "matekd" and generator.get("mlm_warmup") else [])
                 runs.append(Run(task, f"{name}-seed{seed}", "student", cfg, task_dir / f"{name}-seed{seed}",
                                 method=name, seed=seed, needs=run_needs))
@@ -183,7 +176,7 @@ def plan(spec: dict[str, Any]) -> list[Run]:
     order = {seed: i for i, seed in enumerate(spec["seeds"])}
     runs.sort(key=lambda r: (r.kind == "student", order.get(r.seed, -1)))
     for run in runs:
-        run.config = _merge(run.config, {"output": {"dir": str(run.run_dir)}, "logging": {"progress": False}})
+        run.config = merge(run.config, {"output": {"dir": str(run.run_dir)}, "logging": {"progress": False}})
         try:
             config_from_dict(json.loads(json.dumps(run.config)))
         except MatekdError as err:
@@ -198,7 +191,7 @@ def plan(spec: dict[str, Any]) -> list[Run]:
 def _command(run: Run, config_path: Path, launcher: str | None) -> list[str]:
     prefix = shlex.split(launcher) + ["--module", "matekd_ds"] if launcher else [sys.executable, "-m", "matekd_ds"]
     args = [run.command, "--config", str(config_path)]
-    if (run.run_dir / "config.yaml").is_file():
+    if RunDir(run.run_dir).config_file.is_file():
         args.append("--resume")  # started before: continue from its checkpoint
     return prefix + args
 
@@ -270,7 +263,7 @@ def run_all(runs: list[Run], launcher: str | None) -> list[str]:
 
 
 def _headline(run: Run) -> str:
-    metrics = _metrics(run.run_dir)
+    metrics = RunDir(run.run_dir).read_metrics()
     if run.kind == "generator":
         warm = metrics.get("generator_warmup") or {}
         if "dev_after" in warm:
@@ -300,7 +293,7 @@ def collect(runs: list[Run]) -> dict[str, Any]:
     main metric (percent) with its dev curve, and wall-clock times."""
     tasks: dict[str, Any] = {}
     for run in runs:
-        metrics = _metrics(run.run_dir)
+        metrics = RunDir(run.run_dir).read_metrics()
         task = tasks.setdefault(run.task, {"metric": None, "teacher": None, "methods": {}, "wall_seconds": 0.0})
         if metrics.get("status") != "completed":
             continue
@@ -320,7 +313,7 @@ def collect(runs: list[Run]) -> dict[str, Any]:
         entry["final"].append(100 * _first_split(metrics["final"])["main"])
         entry["curves"].append([(e["step"], 100 * _first_split(e["dev"])["main"]) for e in metrics["evaluations"]])
         entry["train_seconds"].append(metrics["throughput"]["train_seconds"])
-        entry.setdefault("losses", []).append(mean_scalars(run.run_dir / "logs" / "scalars.csv"))
+        entry.setdefault("losses", []).append(mean_scalars(RunDir(run.run_dir).logs / "scalars.csv"))
     return tasks
 
 

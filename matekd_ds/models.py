@@ -184,6 +184,3 @@ def masked_lm_parts(model: nn.Module) -> MaskedLMParts:
         "(supported: BERT, RoBERTa/XLM-R, DeBERTa, ELECTRA, DistilBERT families)"
     )
 
-
-def word_embeddings(model: nn.Module) -> torch.Tensor:
-    return model.get_input_embeddings().weight

@@ -1,5 +1,6 @@
 """What ZeRO-3 changes for code that touches weights directly: parameter counts and bytes of a
-partitioned module, and its full state dict gathered for export.
+partitioned module (and the per-rank memory record of metrics.json), its full state dict
+gathered for export, and releasing what a backward outside its engine left gathered.
 
 Under ZeRO-3 a parameter's `.data` is an empty placeholder outside the forward of the module
 that owns it; the rank's share lives in `param.ds_tensor` (1/world of the flattened tensor, on
@@ -91,3 +92,16 @@ def release_backward_leftovers(engine) -> None:
     release = getattr(offload, "release_backward_leftovers", None)
     if release is not None:
         release()
+
+
+def memory_record(module: nn.Module, ds_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Parameter bytes of `module` on every rank against the whole model's, with its ZeRO stage
+    and offload (for metrics.json). A collective: every rank calls it."""
+    local = param_bytes(module)
+    per_rank = distributed.gather_objects(local["rank_bytes"])
+    zero = (ds_config or {}).get("zero_optimization", {})
+    offload = {k: zero[k]["device"] for k in ("offload_param", "offload_optimizer") if zero.get(k)}
+    return {"zero_stage": zero.get("stage") if ds_config else None, "offload": offload,
+            "partitioned": local["partitioned"], "param_bytes_full": local["full_bytes"],
+            "param_bytes_per_rank": per_rank, "param_bytes_rank_max": max(per_rank),
+            "param_bytes_rank_fraction": max(per_rank) / max(1, local["full_bytes"])}

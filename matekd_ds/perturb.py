@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from matekd_ds.config import MatekdConfig
 from matekd_ds.kernels import gumbel_softmax_sample
 from matekd_ds.masking import apply_mask, choose_mask, maskable
 from matekd_ds.models import masked_lm_parts
@@ -46,6 +47,12 @@ class Perturber:
         self.mask_prob = mask_prob
         self.tau = tau
 
+    @classmethod
+    def for_run(cls, matekd: MatekdConfig, tokenizer) -> "Perturber":
+        """The run's masking and sampling: matekd.mask_prob and gumbel_tau, the tokenizer's
+        special tokens never masked, its mask token as the generator's input."""
+        return cls(tokenizer.all_special_ids, tokenizer.mask_token_id, matekd.mask_prob, matekd.gumbel_tau)
+
     def mask_batch(self, batch: dict[str, torch.Tensor], seed: int) -> MaskedBatch:
         ids, attention = batch["input_ids"], batch["attention_mask"]
         mask = choose_mask(ids, attention, self.special_ids, self.mask_prob, torch.Generator().manual_seed(seed))
@@ -69,8 +76,9 @@ class Perturber:
         sampled, _ = gumbel_softmax_sample(logits, tau=self.tau, hard=True, seed=seed)
         return mb.input_ids.masked_scatter(mb.mask, sampled)
 
-    def sample_soft(self, generator: nn.Module, mb: MaskedBatch, seed: int) -> torch.Tensor:
-        """The straight-through one-hot of the masked rows: [M, V], differentiable."""
+    def sample_straight_through(self, generator: nn.Module, mb: MaskedBatch, seed: int) -> torch.Tensor:
+        """The masked rows' samples as a straight-through one-hot y [M, V]: its values are an
+        exact one-hot, its gradient the relaxed softmax's (what the generator step needs)."""
         logits = self.masked_logits(generator, mb)
         _, y = gumbel_softmax_sample(logits, tau=self.tau, hard=True, seed=seed)
         return y

@@ -1,5 +1,6 @@
-"""The training loop for one phase (teacher fine-tuning, or the student's ft/kd/matekd run):
-batches in, method steps, periodic evaluation, logging and checkpoints, resumable at any step."""
+"""The training loop for one phase (teacher fine-tuning, the generator's MLM warm-up, or the
+student's ft/kd/matekd run): batches in, method steps, periodic evaluation, logging and
+checkpoints, resumable at any step."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from matekd_ds import distributed
 from matekd_ds.checkpoint import Checkpointer
-from matekd_ds.data.batching import Encoded, TrainStream, collate
-from matekd_ds.evaluation import evaluate, main_score
-from matekd_ds.methods.common import to_device
+from matekd_ds.config import RunConfig
+from matekd_ds.data.batching import Encoded, TrainStream, collate, to_device
+from matekd_ds.evaluation import main_score
+from matekd_ds.methods.base import Method
 from matekd_ds.monitor import Monitor, log
 
 # Fault injection for the crash/resume tests: raise after this many steps of a phase.
@@ -28,16 +30,24 @@ PHASE_SEED_OFFSETS = {"teacher": 0, "student": 7_919, "generator_warmup": 104_72
 
 @dataclass
 class LoopConfig:
-    phase: str  # "teacher" or "student": names checkpoints and logged scalars
+    phase: str  # "teacher", "generator_warmup" or "student": names the logged scalars and evaluations
     total_steps: int
     micro_batch: int
     grad_accum: int
     seed: int
     eval_every: int
-    eval_batch: int
     checkpoint_every: int
     log_every: int
     progress: bool
+
+    @classmethod
+    def of_run(cls, cfg: RunConfig, phase: str, total_steps: int) -> "LoopConfig":
+        return cls(
+            phase=phase, total_steps=total_steps, micro_batch=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.gradient_accumulation_steps, seed=cfg.train.seed,
+            eval_every=cfg.eval.every_steps, checkpoint_every=cfg.output.checkpoint_every,
+            log_every=cfg.logging.log_every, progress=cfg.logging.progress,
+        )
 
 
 @dataclass
@@ -54,18 +64,24 @@ class StopRequested(Exception):
     """SIGTERM/SIGINT arrived: a checkpoint was written and the run can be resumed."""
 
 
+class Evaluator(Protocol):
+    """Scores the model a loop trains: {split: {metric: value, ..., "main": value}}."""
+
+    metric_name: str
+
+    def __call__(self) -> dict[str, dict[str, float]]: ...
+
+
 class Trainer:
-    def __init__(self, method, eval_model: torch.nn.Module, train: Encoded, dev: dict[str, Encoded], spec,
-                 loop: LoopConfig, checkpointer: Checkpointer, monitor: Monitor, pad_id: int,
-                 device: torch.device, on_best: Callable[[], None] | None = None,
-                 evaluator: Callable[[], dict[str, dict[str, float]]] | None = None, metric_name: str | None = None):
-        self.method, self.eval_model = method, eval_model
-        # evaluator: {split: {metric: value, "main": value}}; default = the task's dev metrics.
-        self.evaluator = evaluator or (lambda: evaluate(eval_model, dev, spec, loop.eval_batch, pad_id, device))
-        self.metric_name = metric_name or spec.main_metric
-        self.train_data, self.dev, self.spec = train, dev, spec
-        self.loop, self.checkpointer, self.monitor = loop, checkpointer, monitor
-        self.pad_id, self.device, self.on_best = pad_id, device, on_best
+    """Drives a `Method` over the training set for `loop.total_steps` steps. `on_best` runs
+    after an evaluation that improved the main score (the student phase exports student_best)."""
+
+    def __init__(self, method: Method, train: Encoded, pad_id: int, device: torch.device, loop: LoopConfig,
+                 evaluator: Evaluator, checkpointer: Checkpointer, monitor: Monitor,
+                 on_best: Callable[[], None] | None = None):
+        self.method, self.evaluator = method, evaluator
+        self.train_data, self.pad_id, self.device = train, pad_id, device
+        self.loop, self.checkpointer, self.monitor, self.on_best = loop, checkpointer, monitor, on_best
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.stream = TrainStream(len(train), loop.micro_batch, self.rank, self.world, loop.seed)
         self.state = LoopState()
@@ -108,8 +124,8 @@ class Trainer:
             self.state.train_seconds += time.perf_counter() - started
             self.state.samples += sum(len(b["input_ids"]) for b in cpu_batches) * self.world
             self.state.tokens += int(sum(b["attention_mask"].sum() for b in cpu_batches)) * self.world
-            # Student runs log per engine ("generator/gen_div", "student/loss"); teacher runs "teacher/...".
-            prefix = self.method.phase(step) if self.loop.phase == "student" else self.loop.phase
+            # MATE-KD logs per engine ("generator/gen_div", "student/loss"); others under their phase.
+            prefix = self.method.phase(step)
             for key, value in losses.items():
                 entry = window.setdefault(f"{prefix}/{key}", [0.0, 0])
                 entry[0], entry[1] = entry[0] + value, entry[1] + 1
@@ -173,7 +189,7 @@ class Trainer:
         flat = {f"{self.loop.phase}_eval/{split}_{name}": value
                 for split, metrics in results.items() for name, value in metrics.items()}
         self.monitor.write(self.state.step, flat)
-        summary = ", ".join(f"{split} {self.metric_name} {m['main']:.4f}" for split, m in results.items())
+        summary = ", ".join(f"{split} {self.evaluator.metric_name} {m['main']:.4f}" for split, m in results.items())
         log.info(f"[{self.loop.phase}] step {self.state.step}/{self.loop.total_steps}: {summary}{' (best)' if improved else ''}")
         return record
 

@@ -13,13 +13,11 @@ from matekd_ds import distributed, models
 from matekd_ds.data import synthetic
 from matekd_ds.data.batching import collate, encode
 from matekd_ds.data.tokenizer import train_wordpiece
-from matekd_ds.engines import (
-    EngineSpec, build_engine, build_teacher_engine, finalize_ds_config, finalize_teacher_ds_config, prepare_teacher,
-    read_ds_config,
-)
+from matekd_ds.ds_config import finalize_ds_config, finalize_teacher_ds_config, read_ds_config
+from matekd_ds.engines import EngineSpec, build_engine, build_teacher_engine, place_frozen_teacher
 from matekd_ds.methods import MateKD
-from matekd_ds.methods.common import CleanTeacher
 from matekd_ds.perturb import Perturber
+from matekd_ds.teacher import Teacher
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -70,9 +68,9 @@ def tiny_matekd(stage: int, tokenizer, generator_lr: float = 1e-3, weights=(1 / 
     perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, 1.0)
     if (stage == 3) if zero3_teacher is None else zero3_teacher:
         teacher_engine = build_teacher_engine(built["teacher"], teacher_ds_config(dtype, micro_batch=micro_batch))
-        teacher = CleanTeacher(teacher_engine.module, teacher_table, engine=teacher_engine)
+        teacher = Teacher(teacher_engine.module, engine=teacher_engine, clean_table=teacher_table)
     else:
-        teacher = CleanTeacher(prepare_teacher(built["teacher"], dtype, torch.device("cpu")), teacher_table)
+        teacher = Teacher(place_frozen_teacher(built["teacher"], dtype, torch.device("cpu")), clean_table=teacher_table)
     return MateKD(student_engine, generator_engine, teacher, perturber,
                   regression=False, temperature=1.0, loss_weights=list(weights), generator_steps=1, student_steps=1)
 

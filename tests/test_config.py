@@ -8,7 +8,7 @@ import torch
 from helpers import REPO
 
 from matekd_ds.config import RunConfig, config_from_dict, load_config, parse_override
-from matekd_ds.engines import finalize_ds_config, finalize_teacher_ds_config, read_ds_config, resolve_dtype
+from matekd_ds.ds_config import finalize_ds_config, finalize_teacher_ds_config, read_ds_config, resolve_dtype
 from matekd_ds.errors import MatekdError
 
 
@@ -107,7 +107,7 @@ def _teacher(spec, dtype="fp32", nvme_path=None):
 
 
 def test_every_documented_preset_exists_and_reads():
-    from matekd_ds.engines import preset_names
+    from matekd_ds.ds_config import preset_names
 
     documented = (REPO / "ds_configs" / "README.md").read_text()
     for name in ("zero0", "zero1", "zero2", "zero3", "bf16", "fp16", "offload", "teacher-inference"):
@@ -192,7 +192,7 @@ def test_a_directory_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatc
 def test_model_dependent_autos():
     from transformers import BertConfig, BertModel
 
-    from matekd_ds.engines import fill_model_autos
+    from matekd_ds.ds_config import fill_model_autos
 
     model = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=64))

@@ -28,7 +28,7 @@ def test_encoder_checkpoint_gets_an_mlm_head_tied_to_its_embeddings(tmp_path):
     path = _encoder_checkpoint(tmp_path / "encoder", tokenizer)
     generator = models.load_generator(str(path), tokenizer)
     decoder = models.masked_lm_parts(generator)
-    embeddings = models.word_embeddings(generator)
+    embeddings = generator.get_input_embeddings().weight
     head_weight = generator.get_output_embeddings().weight
     assert head_weight is embeddings or head_weight.data_ptr() == embeddings.data_ptr()
     # the encoder's pretrained weights were kept (only the head is new)

@@ -53,11 +53,11 @@ def test_student_step_leaves_generator_untouched(stage, tokenizer_and_examples):
 def test_teacher_is_frozen_and_in_eval_mode(stage, tokenizer_and_examples):
     tokenizer, examples = tokenizer_and_examples
     method = tiny_matekd(stage, tokenizer)
-    before = param_tensors(method.teacher)
+    before = param_tensors(method.teacher.module)
     batch = tiny_batch(tokenizer, examples)
     method.generator_micro_step(batch, seed=5)
     method.student_micro_step(batch, seed=6)
-    assert not method.teacher.training
-    after = param_tensors(method.teacher)
-    for n, p in method.teacher.named_parameters():
+    assert not method.teacher.module.training
+    after = param_tensors(method.teacher.module)
+    for n, p in method.teacher.module.named_parameters():
         assert not p.requires_grad and p.grad is None and torch.equal(after[n], before[n])

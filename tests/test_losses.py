@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from helpers import tiny_batch, tiny_matekd, tiny_tokenizer
 
 from matekd_ds.losses import divergence, task_loss
-from matekd_ds.methods.common import doubled
+from matekd_ds.data.batching import doubled
 from matekd_ds.methods.matekd import count_student_steps, cycle_phase
 
 
@@ -40,7 +40,7 @@ def test_student_step_loss_is_the_weighted_sum(weights):
     with torch.no_grad():
         both = doubled(batch, perturbed)
         s_clean, s_pert = method.student.module(**both).logits.chunk(2)
-        t_clean, t_pert = method.teacher(**both).logits.chunk(2)
+        t_clean, t_pert = method.teacher.module(**both).logits.chunk(2)
     soft_ce = lambda s, t: -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean()  # noqa: E731
     expected = (weights[0] * F.cross_entropy(s_clean, batch["labels"])
                 + weights[1] * soft_ce(s_clean, t_clean) + weights[2] * soft_ce(s_pert, t_pert))
@@ -82,8 +82,8 @@ def test_cached_clean_teacher_logits_give_the_same_student_step():
         if cached:  # the table holds the clean logits of every example, indexed like the batch
             from matekd_ds.data.batching import encode
             data = encode(examples[:6], tokenizer, 32, regression=False)
-            table = predict(method.teacher, data, 4, tokenizer.pad_token_id, torch.device("cpu"))
-            method.clean_teacher.table = torch.from_numpy(table)
+            table = predict(method.teacher.module, data, 4, tokenizer.pad_token_id, torch.device("cpu"))
+            method.teacher.clean_table = torch.from_numpy(table)
         losses[cached] = method.student_micro_step(batch, seed=9)
     for key in ("loss", "ce", "div_clean", "div_perturbed"):
         torch.testing.assert_close(losses[True][key], losses[False][key], rtol=1e-5, atol=1e-6)

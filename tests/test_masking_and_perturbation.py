@@ -78,7 +78,7 @@ def test_soft_embeddings_equal_the_lookup_of_sampled_ids_and_reach_the_generator
     mb = perturber.mask_batch(batch, seed=3)
     assert mb.mask.any()
 
-    y = perturber.sample_soft(generator, mb, seed=4)
+    y = perturber.sample_straight_through(generator, mb, seed=4)
     assert y.shape == (int(mb.mask.sum()), len(tokenizer))  # masked rows only
     embeds = soft_inputs_embeds(student, mb, y)
     perturbed = perturber.sample_perturbed_ids(generator, mb, seed=4)  # same seed: same tokens

@@ -29,15 +29,12 @@ from matekd_ds import distributed, models
 from matekd_ds.data import synthetic
 from matekd_ds.data.batching import collate, encode
 from matekd_ds.data.tokenizer import train_wordpiece
-from matekd_ds.engines import EngineSpec, build_engine, finalize_ds_config, prepare_teacher, read_ds_config
+from matekd_ds.ds_config import finalize_ds_config, read_ds_config
+from matekd_ds.engines import EngineSpec, build_engine, place_frozen_teacher
 from matekd_ds.kernels.gumbel import _torch_gumbel_noise
 from matekd_ds.methods import MateKD
 from matekd_ds.perturb import Perturber
-
-try:  # the clean-teacher wrapper (with its optional table of cached clean logits)
-    from matekd_ds.methods.common import CleanTeacher
-except ImportError:  # an older MateKD that takes the bare teacher
-    CleanTeacher = None
+from matekd_ds.teacher import Teacher
 
 REPO = Path(__file__).resolve().parents[1]
 # CLIP is below the tiny models' gradient norms (~1.2-2) so that clipping acts (checked through
@@ -104,23 +101,21 @@ def build_pair(tokenizer, batch=None):
                                                         schedule="constant"))
     generator = build_engine(built["generator"], EngineSpec("generator", ds_config(), GENERATOR_LR, 0.0, 100,
                                                             schedule="constant"))
-    teacher = project_teacher(prepare_teacher(built["teacher"], "fp32", torch.device("cpu")), batch)
+    teacher = project_teacher(place_frozen_teacher(built["teacher"], "fp32", torch.device("cpu")), batch)
     perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, 1.0)
     project = MateKD(student, generator, teacher, perturber, regression=False, temperature=1.0,
                      loss_weights=[1 / 3, 1 / 3, 1 / 3], generator_steps=1, student_steps=1)
     return project, ref
 
 
-def project_teacher(teacher: torch.nn.Module, batch=None):
-    if CleanTeacher is None:
-        return teacher
+def project_teacher(teacher: torch.nn.Module, batch=None) -> Teacher:
     if batch is None:
-        return CleanTeacher(teacher)
+        return Teacher(teacher)
     with torch.no_grad():
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     table = torch.zeros(int(batch["index"].max()) + 1, logits.shape[-1])
     table[batch["index"]] = logits
-    return CleanTeacher(teacher, table)
+    return Teacher(teacher, clean_table=table)
 
 
 def spread_weights(model: torch.nn.Module, std: float = 0.3) -> None:
@@ -233,8 +228,6 @@ def run_both(project: MateKD, ref, role: str, batch, seed: int) -> None:
 @pytest.mark.parametrize("cached_teacher", [False, True], ids=["teacher-forward", "teacher-table"])
 def test_student_step_matches_reference(tokenizer_and_batch, cached_teacher):
     tokenizer, batch = tokenizer_and_batch
-    if cached_teacher and CleanTeacher is None:
-        pytest.skip("this MateKD has no table of clean teacher logits")
     project, ref = build_pair(tokenizer, batch if cached_teacher else None)
     run_both(project, ref, "student", batch, seed=11)
 

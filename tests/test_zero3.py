@@ -92,7 +92,7 @@ def test_zero3_teacher_gathers_the_partitioned_embedding_where_y_meets_it(setup)
 def test_gathered_state_dict_and_export_of_a_zero3_module(setup, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from matekd_ds.pipeline import export_model
+    from matekd_ds.run_dir import export_model
 
     tokenizer, _, _, _ = setup
     distributed.init()
@@ -159,6 +159,6 @@ def test_zero3_engines_hold_only_partitions_between_steps(setup):
             method.generator_micro_step(batch, seed=step)
         else:
             method.student_micro_step(batch, seed=step)
-        for role, module in (("teacher", method.teacher), ("student", method.student.module),
+        for role, module in (("teacher", method.teacher.module), ("student", method.student.module),
                              ("generator", method.generator.module)):
             assert resident(module) == [], (step, role, resident(module))

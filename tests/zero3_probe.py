@@ -102,7 +102,7 @@ def isolation_checks(tokenizer, examples) -> dict:
     for seed in (5, 6, 7):  # a generator step, then forward-only teacher passes of student steps
         (method.generator_micro_step if seed == 5 else method.student_micro_step)(batch, seed=seed)
     out["rank_fraction_between_steps"] = {}
-    for role, module in (("teacher", method.teacher), ("student", method.student.module),
+    for role, module in (("teacher", method.teacher.module), ("student", method.student.module),
                          ("generator", method.generator.module)):
         memory = param_bytes(module)
         out["rank_fraction_between_steps"][role] = max(distributed.gather_objects(memory["rank_bytes"])) / memory["full_bytes"]

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from matekd_ds import models
-from matekd_ds.config import config_from_dict, read_config_file
-from matekd_ds.data import load_task_data
-from matekd_ds.data.batching import collate, encode
-from matekd_ds.methods.common import model_inputs
+from matekd_ds.config import config_from_dict
+from matekd_ds.data.batching import collate, encode, model_inputs
+from matekd_ds.data.tasks import load_task_data
 from matekd_ds.perturb import Perturber
+from matekd_ds.run_dir import RunDir
 
 
 def final_generator_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -44,14 +44,15 @@ def generator_drift(start: torch.nn.Module, state: dict[str, torch.Tensor]) -> f
 
 @torch.no_grad()
 def perturbation_effect(run_dir: Path, generator: torch.nn.Module, examples: int, seed: int = 0) -> dict[str, float]:
-    cfg = config_from_dict(read_config_file(run_dir / "config.yaml"))
-    tokenizer = models.load_tokenizer(str(run_dir / "tokenizer"))
+    run = RunDir(run_dir)
+    cfg = config_from_dict(run.read_config())
+    tokenizer = models.load_tokenizer(str(run.tokenizer_dir))
     data = load_task_data(cfg)
     regression = data.spec.is_regression
     dev = encode(next(iter(data.dev.values()))[:examples], tokenizer, cfg.data.max_length, regression)
     teacher = models.load_classifier("teacher", cfg.models.teacher, data.spec.num_labels, tokenizer, regression).eval()
     generator.eval()
-    perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, cfg.matekd.mask_prob, cfg.matekd.gumbel_tau)
+    perturber = Perturber.for_run(cfg.matekd, tokenizer)
     replaced = masked = flips = 0
     shift, kl = [], []
     for start in range(0, len(dev), 64):
@@ -85,14 +86,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     results: dict[str, dict] = {}
-    for task_dir in sorted(p for p in args.sweep.iterdir() if (p / "generator" / "generator_warm").is_dir()):
-        warm_path = task_dir / "generator" / "generator_warm"
+    for task_dir in sorted(p for p in args.sweep.iterdir() if RunDir(p / "generator").has_model("generator_warm")):
+        warm_path = RunDir(task_dir / "generator").model_dir("generator_warm")
         tokenizer = models.load_tokenizer(str(warm_path))
         warm = models.load_generator(str(warm_path), tokenizer)
-        runs = sorted(r for r in task_dir.iterdir() if r.name.startswith("matekd") and (r / "metrics.json").is_file())
+        runs = sorted(r for r in task_dir.iterdir() if r.name.startswith("matekd") and RunDir(r).metrics_file.is_file())
         task: dict[str, dict] = {}
         for run in runs:
-            checkpoints = sorted((run / "checkpoints" / "student" / "generator").glob("step_*/mp_rank_00_model_states.pt"))
+            checkpoints = sorted((RunDir(run).checkpoints("student") / "generator").glob("step_*/mp_rank_00_model_states.pt"))
             if not checkpoints:
                 continue
             state = final_generator_state(checkpoints[-1])

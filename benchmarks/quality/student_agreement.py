@@ -25,12 +25,11 @@ from pathlib import Path
 import torch
 
 from matekd_ds import models
-from matekd_ds.config import config_from_dict, read_config_file
-from matekd_ds.data import load_task_data
-from matekd_ds.data.batching import Encoded, collate, encode
-from matekd_ds.experiment import _metrics as read_metrics
-from matekd_ds.methods.common import model_inputs
+from matekd_ds.config import config_from_dict
+from matekd_ds.data.batching import Encoded, collate, encode, model_inputs
+from matekd_ds.data.tasks import load_task_data
 from matekd_ds.perturb import Perturber
+from matekd_ds.run_dir import RunDir
 
 BATCH = 128
 
@@ -68,8 +67,8 @@ def compare(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) 
 
 def student_runs(task_dir: Path) -> list[Path]:
     """The finished student runs (<method>-seed<k>) of one task, as the experiment runner sees them."""
-    return sorted(r for r in task_dir.iterdir() if re.search(r"-seed\d+$", r.name) and (r / "student_best").is_dir()
-                  and read_metrics(r).get("status") == "completed")
+    return sorted(r for r in task_dir.iterdir() if re.search(r"-seed\d+$", r.name)
+                  and RunDir(r).model_dir("student_best").is_dir() and RunDir(r).status() == "completed")
 
 
 def summarise(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
@@ -97,11 +96,11 @@ def main() -> None:
     runs = student_runs(args.task_dir)
     if not runs:
         raise SystemExit(f"student_agreement: no finished student runs in {args.task_dir}")
-    cfg = config_from_dict(read_config_file(runs[0] / "config.yaml"))
+    cfg = config_from_dict(RunDir(runs[0]).read_config())
     data = load_task_data(cfg)
     if data.spec.is_regression:
         raise SystemExit("student_agreement: classification tasks only")
-    warm = args.task_dir / "generator" / "generator_warm"
+    warm = RunDir(args.task_dir / "generator").model_dir("generator_warm")
     tokenizer = models.load_tokenizer(str(warm))
     dev = encode(next(iter(data.dev.values())), tokenizer, cfg.data.max_length, False)
     batches = dev_batches(dev, tokenizer.pad_token_id)
@@ -115,7 +114,7 @@ def main() -> None:
 
     per_run: dict[str, dict[str, float]] = {}
     for run in runs:
-        student = models.load_classifier("student", str(run / "student_best"), data.spec.num_labels, tokenizer,
+        student = models.load_classifier("student", str(RunDir(run).model_dir("student_best")), data.spec.num_labels, tokenizer,
                                          False).eval()
         clean = compare(logits_of(student, batches), teacher_clean, labels)
         noisy = compare(logits_of(student, batches, noisy_ids), teacher_noisy, labels)

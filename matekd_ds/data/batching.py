@@ -1,4 +1,5 @@
-"""Tokenisation, dynamic padding, rank sharding of training batches and of evaluation."""
+"""Tokenisation, dynamic padding, rank sharding of training batches and of evaluation, and the
+small helpers every consumer of a batch shares (device placement, model inputs)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from matekd_ds.data.loaders import Example
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # what a model's forward takes of a batch
 
 
 @dataclass
@@ -27,10 +30,6 @@ class Encoded:
         """The first n examples."""
         types = self.token_type_ids[:n] if self.token_type_ids is not None else None
         return Encoded(self.input_ids[:n], types, self.labels[:n], self.regression)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(ids) for ids in self.input_ids)
 
 
 def encode(examples: Sequence[Example], tokenizer, max_length: int, regression: bool) -> Encoded:
@@ -106,3 +105,19 @@ def eval_shard(size: int, rank: int, world_size: int) -> list[int]:
     while len(shard) < per_rank:
         shard.append(shard[-1] if shard else 0)
     return shard
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs of a batch (not its labels or example indices)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def doubled(batch: dict[str, torch.Tensor], perturbed_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Clean and perturbed copies of a batch stacked into one forward of 2B rows."""
+    out = {k: torch.cat([v, v]) for k, v in model_inputs(batch).items()}
+    out["input_ids"] = torch.cat([batch["input_ids"], perturbed_ids])
+    return out

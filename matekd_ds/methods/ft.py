@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from matekd_ds.data.batching import model_inputs
 from matekd_ds.losses import task_loss
-from matekd_ds.methods.common import StudentOnly, model_inputs
+from matekd_ds.methods.base import StudentOnly
 
 
 class FineTune(StudentOnly):
     name = "ft"
 
-    def __init__(self, student_engine, regression: bool):
-        self.student = student_engine
+    def __init__(self, engine, regression: bool, role: str = "student"):
+        super().__init__(engine, role)
         self.regression = regression
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import torch
 
+from matekd_ds.data.batching import model_inputs
 from matekd_ds.losses import divergence, task_loss
-from matekd_ds.methods.common import CleanTeacher, StudentOnly, model_inputs
+from matekd_ds.methods.base import StudentOnly
+from matekd_ds.teacher import Teacher
 
 
 class KnowledgeDistillation(StudentOnly):
     name = "kd"
 
-    def __init__(self, student_engine, teacher: CleanTeacher, regression: bool, alpha: float, temperature: float):
-        self.student, self.clean_teacher = student_engine, teacher
+    def __init__(self, student_engine, teacher: Teacher, regression: bool, alpha: float, temperature: float):
+        super().__init__(student_engine)
+        self.teacher = teacher
         self.regression, self.alpha, self.temperature = regression, alpha, temperature
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
         sums = {"loss": 0.0, "ce": 0.0, "div": 0.0}
         T = self.temperature
         for batch in micro_batches:
-            teacher_logits = self.clean_teacher(batch)
+            teacher_logits = self.teacher.clean_logits(batch)
             logits = self.student(**model_inputs(batch)).logits
             ce = task_loss(logits, batch["labels"], self.regression)
             div = divergence(logits, teacher_logits, T, self.regression)

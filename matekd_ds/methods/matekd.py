@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from matekd_ds.data.batching import doubled, model_inputs
 from matekd_ds.losses import divergence, task_loss
-from matekd_ds.methods.common import CleanTeacher, doubled, frozen, model_inputs
+from matekd_ds.methods.base import frozen
 from matekd_ds.partition import release_backward_leftovers
 from matekd_ds.perturb import Perturber, soft_embeddings
+from matekd_ds.teacher import Teacher
 
 
 def cycle_phase(step: int, generator_steps: int, student_steps: int) -> str:
@@ -34,11 +36,10 @@ def count_student_steps(total_steps: int, generator_steps: int, student_steps: i
 class MateKD:
     name = "matekd"
 
-    def __init__(self, student_engine, generator_engine, teacher: CleanTeacher, perturber: Perturber, *,
+    def __init__(self, student_engine, generator_engine, teacher: Teacher, perturber: Perturber, *,
                  regression: bool, temperature: float, loss_weights: list[float],
                  generator_steps: int, student_steps: int):
-        self.student, self.generator = student_engine, generator_engine
-        self.clean_teacher, self.teacher = teacher, teacher.teacher
+        self.student, self.generator, self.teacher = student_engine, generator_engine, teacher
         self.perturber = perturber
         self.regression, self.temperature = regression, temperature
         self.weights = loss_weights
@@ -66,20 +67,18 @@ class MateKD:
 
     def generator_micro_step(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         mb = self.perturber.mask_batch(batch, seed)
-        y = self.perturber.sample_soft(self.generator.module, mb, seed + 1)
+        y = self.perturber.sample_straight_through(self.generator.module, mb, seed + 1)
         inputs = dict(mb.model_kwargs(), input_ids=mb.input_ids)
         student = self.student.module  # the bare module: the student engine must not see this backward
         with frozen(student), soft_embeddings(student, mb.mask, y):
             student_logits = student(**inputs).logits
-        # The teacher is a plain frozen module or a ZeRO-3 engine's module (never the engine:
-        # this backward belongs to the generator's engine).
-        with soft_embeddings(self.teacher, mb.mask, y):
-            teacher_logits = self.teacher(**inputs).logits
+        with soft_embeddings(self.teacher.module, mb.mask, y):
+            teacher_logits = self.teacher.logits(**inputs)
         adversarial = self.div(student_logits, teacher_logits)
         loss = -adversarial  # the generator maximises the divergence
         self.generator.backward(loss)
         release_backward_leftovers(self.student)  # ZeRO-3: the word embeddings gathered for y @ E
-        release_backward_leftovers(self.clean_teacher.engine)
+        self.teacher.release()
         self.generator.step()
         return {"gen_div": adversarial, "masked_tokens": mb.mask.sum().float()}
 
@@ -89,12 +88,9 @@ class MateKD:
         mb = self.perturber.mask_batch(batch, seed)
         perturbed_ids = self.perturber.sample_perturbed_ids(self.generator.module, mb, seed + 1)
         with torch.no_grad():
-            if self.clean_teacher.table is not None:
-                teacher_clean = self.clean_teacher(batch)
-                perturbed = dict(model_inputs(batch), input_ids=perturbed_ids)
-                teacher_perturbed = self.teacher(**perturbed).logits
-            else:  # one forward over clean ⊕ perturbed
-                teacher_clean, teacher_perturbed = self.teacher(**doubled(batch, perturbed_ids)).logits.chunk(2)
+            teacher_clean = self.teacher.clean_logits(batch)
+            teacher_perturbed = self.teacher.logits(**dict(model_inputs(batch), input_ids=perturbed_ids))
+        # one student forward over clean ⊕ perturbed
         student_clean, student_perturbed = self.student(**doubled(batch, perturbed_ids)).logits.chunk(2)
         ce = task_loss(student_clean, batch["labels"], self.regression)
         div_clean = self.div(student_clean, teacher_clean)

@@ -37,7 +37,7 @@ class MlmWarmup:
         return {"generator": self.generator}
 
     def phase(self, step: int) -> str:
-        return "generator"
+        return "generator_warmup"
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
         loss_sum, right, rows = 0.0, 0, 0
@@ -66,3 +66,17 @@ def mlm_evaluate(generator: torch.nn.Module, perturber: Perturber, data: Encoded
     generator.train(was_training)
     accuracy = right / max(rows, 1)
     return {"accuracy": accuracy, "loss": loss_sum / max(rows, 1), "main": accuracy}
+
+
+class MlmEvaluator:
+    """What the warm-up's loop calls to score the generator: masked-token accuracy on dev text."""
+
+    metric_name = "mlm_accuracy"
+
+    def __init__(self, generator: torch.nn.Module, perturber: Perturber, dev: Encoded, batch_size: int, pad_id: int,
+                 device: torch.device):
+        self.generator, self.perturber, self.dev = generator, perturber, dev
+        self.batch_size, self.pad_id, self.device = batch_size, pad_id, device
+
+    def __call__(self) -> dict[str, dict[str, float]]:
+        return {"dev": mlm_evaluate(self.generator, self.perturber, self.dev, self.batch_size, self.pad_id, self.device)}

@@ -1,0 +1,74 @@
+"""A run's task: its spec (labels, metrics) and its splits as Examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from matekd_ds.config import RunConfig
+from matekd_ds.data import synthetic
+from matekd_ds.data.glue import TaskSpec, get_task
+from matekd_ds.data.loaders import Example, glue_split_names, load_glue, load_table
+from matekd_ds.errors import MatekdError
+from matekd_ds.metrics import METRIC_NAMES
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    train: list[Example]
+    dev: dict[str, list[Example]]  # split name -> examples ("dev", or MNLI's two)
+
+    @property
+    def texts(self) -> list[str]:
+        return [t for ex in self.train for t in ex.texts]
+
+
+def synthetic_spec() -> TaskSpec:
+    return TaskSpec(
+        name="synthetic", text_keys=("sentence",), label_names=synthetic.LABEL_NAMES,
+        metrics=("accuracy",), main_metric="accuracy", hub_config="", dev_splits=("validation",),
+        tsv_dir_names=(),
+    )
+
+
+def custom_spec(cfg: RunConfig) -> TaskSpec:
+    d = cfg.data
+    unknown = [m for m in d.metrics if m not in METRIC_NAMES]
+    if unknown:
+        raise MatekdError(f"data.metrics: unknown metric {unknown[0]!r} (valid: {', '.join(METRIC_NAMES)})")
+    if d.main_metric not in d.metrics:
+        raise MatekdError(f"data.main_metric '{d.main_metric}' must be one of data.metrics {d.metrics}")
+    if not d.regression and not d.label_names:
+        raise MatekdError("task: custom needs data.label_names (the classes, in id order) or data.regression: true")
+    return TaskSpec(
+        name="custom", text_keys=tuple(d.text_columns),
+        label_names=None if d.regression else tuple(d.label_names),
+        metrics=tuple(d.metrics), main_metric=d.main_metric, hub_config="",
+        dev_splits=("validation",), tsv_dir_names=(),
+    )
+
+
+def _truncate(examples: list[Example], limit: int | None) -> list[Example]:
+    return examples if limit is None else examples[:limit]
+
+
+def load_task_data(cfg: RunConfig) -> TaskData:
+    d = cfg.data
+    if cfg.task == "synthetic":
+        spec = synthetic_spec()
+        parts = synthetic.splits(d.synthetic.train_size, d.synthetic.dev_size, d.synthetic.seed)
+        train, dev = parts["train"], {"dev": parts["dev"]}
+    elif cfg.task == "custom":
+        spec = custom_spec(cfg)
+        read = lambda path: load_table(path, d.text_columns, d.label_column, d.label_names, d.regression)  # noqa: E731
+        train, dev = read(d.train_file), {"dev": read(d.dev_file)}
+    else:
+        spec = get_task(cfg.task)
+        dev_names = [name for name in glue_split_names(spec) if name != "train"]
+        train = load_glue(spec, "train", d.path)
+        dev = {name: load_glue(spec, name, d.path) for name in dev_names}
+    train = _truncate(train, d.max_train_examples)
+    dev = {name: _truncate(rows, d.max_eval_examples) for name, rows in dev.items()}
+    if not train:
+        raise MatekdError(f"task {cfg.task}: the training split is empty")
+    return TaskData(spec, train, dev)

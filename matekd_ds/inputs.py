@@ -1,0 +1,121 @@
+"""Everything a run reads, loaded and checked before anything is written.
+
+`prepare_inputs` turns a run config into `RunInputs`: the task's data, tokenised; the tokenizer;
+every engine's DeepSpeed config and the run's precision; the teacher, student and generator
+models as given (or, resuming, as an earlier phase of this run left them). Any problem with the
+user's input (config, data, models, vocabularies, DeepSpeed configs) stops here with one line,
+before DeepSpeed starts and before the run directory exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from matekd_ds import distributed, models
+from matekd_ds.config import RunConfig
+from matekd_ds.data.batching import Encoded, TrainStream, encode
+from matekd_ds.data.tasks import TaskData, load_task_data
+from matekd_ds.data.tokenizer import train_wordpiece
+from matekd_ds.ds_config import resolve_run_ds_configs
+from matekd_ds.errors import MatekdError
+from matekd_ds.run_dir import RunDir
+
+
+@dataclass(frozen=True)
+class RunModels:
+    """The models a run starts from. None: not used by this run (teacher for plain ft, the
+    generator outside matekd), or (student) cut from the teacher after its fine-tuning."""
+
+    teacher: torch.nn.Module | None
+    student: torch.nn.Module | None
+    generator: torch.nn.Module | None
+    teacher_is_finetuned: bool  # resuming after the teacher phase: the teacher is this run's export
+    generator_is_warm: bool  # resuming after the MLM warm-up: the generator is this run's export
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    cfg: RunConfig
+    data: TaskData
+    tokenizer: Any
+    train: Encoded
+    dev: dict[str, Encoded]
+    ds_configs: dict[str, dict[str, Any]]  # finalized, per engine (ds_config.resolve_run_ds_configs)
+    dtype: str
+    models: RunModels
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Global micro-batches in one epoch of the training set."""
+        return TrainStream(len(self.train), self.cfg.train.micro_batch_size, 0, distributed.world_size(), 0).batches_per_epoch
+
+
+def uses_teacher(cfg: RunConfig) -> bool:
+    """Plain fine-tuning needs no teacher, unless the student is cut from one."""
+    return cfg.method != "ft" or cfg.models.student_init_from_teacher_layers is not None
+
+
+def prepare_inputs(cfg: RunConfig, resume: bool) -> RunInputs:
+    run = RunDir(cfg.output.dir)
+    data = load_task_data(cfg)
+    tokenizer = _load_tokenizer(cfg, data, run if resume else None)
+    regression = data.spec.is_regression
+    train = encode(data.train, tokenizer, cfg.data.max_length, regression)
+    dev = {name: encode(rows, tokenizer, cfg.data.max_length, regression) for name, rows in data.dev.items()}
+    ds_configs, dtype = resolve_run_ds_configs(cfg, distributed.world_size(), with_teacher=uses_teacher(cfg))
+    if dtype == "fp16" and not torch.cuda.is_available():
+        raise MatekdError("fp16 training needs a GPU; on the CPU use train.dtype=bf16 or fp32")
+    run_models = _load_models(cfg, data, tokenizer, run if resume else None)
+    _check_one_global_batch(cfg, len(train))
+    return RunInputs(cfg, data, tokenizer, train, dev, ds_configs, dtype, run_models)
+
+
+def _load_tokenizer(cfg: RunConfig, data: TaskData, resumed: RunDir | None):
+    if resumed is not None and resumed.tokenizer_dir.is_dir():
+        return models.load_tokenizer(str(resumed.tokenizer_dir))  # the vocabulary its checkpoints were trained with
+    if cfg.models.tokenizer:
+        return models.load_tokenizer(cfg.models.tokenizer)
+    for role in ("teacher", "student") if uses_teacher(cfg) else ("student",):
+        spec = getattr(cfg.models, role)
+        if not models.is_builtin(spec):
+            return models.load_tokenizer(spec, role=role)
+    return train_wordpiece(data.texts, cfg.models.builtin_tokenizer_vocab_size)
+
+
+def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | None) -> RunModels:
+    """Teacher, student and generator, checked to share one vocabulary. A resumed run whose
+    teacher fine-tuning (or generator warm-up) finished loads that phase's export instead."""
+    num_labels, regression = data.spec.num_labels, data.spec.is_regression
+    finetuned = bool(resumed and cfg.models.teacher_finetune_epochs > 0 and resumed.has_model("teacher"))
+    warm = bool(resumed and cfg.matekd.generator_mlm_warmup_steps > 0 and resumed.has_model("generator_warm"))
+    teacher = student = generator = None
+    if uses_teacher(cfg):
+        teacher_spec = str(resumed.model_dir("teacher")) if finetuned else cfg.models.teacher
+        teacher = models.load_classifier("teacher", teacher_spec, num_labels, tokenizer, regression)
+    if cfg.models.student_init_from_teacher_layers is None:
+        student = models.load_classifier("student", cfg.models.student, num_labels, tokenizer, regression)
+    if cfg.method == "matekd":
+        generator_spec = str(resumed.model_dir("generator_warm")) if warm else cfg.models.generator
+        generator = models.load_generator(generator_spec, tokenizer)
+    loaded = {role: m for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
+              if m is not None}
+    models.check_shared_vocabulary(loaded, tokenizer)
+    if not cfg.models.tokenizer:
+        models.check_tokenizers_agree({"student": cfg.models.student, "generator": cfg.models.generator}, tokenizer)
+    return RunModels(teacher, student, generator, teacher_is_finetuned=finetuned, generator_is_warm=warm)
+
+
+def _check_one_global_batch(cfg: RunConfig, train_size: int) -> None:
+    world = distributed.world_size()
+    if train_size < world * cfg.train.micro_batch_size:
+        raise MatekdError(
+            f"the training set has {train_size} examples, fewer than one global micro-batch "
+            f"({world} ranks x train.micro_batch_size {cfg.train.micro_batch_size})"
+        )

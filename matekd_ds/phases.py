@@ -1,0 +1,209 @@
+"""The phases of a run, in run order. Each takes what it needs and returns what it made:
+
+  teacher_phase            fine-tune the teacher (if asked), freeze it, score it    -> TeacherOutcome
+  generator_warmup_phase   MLM warm-up of the generator on the task's text (if asked) -> GeneratorOutcome
+  student_phase            train the student with ft, kd or matekd; export it       -> StudentOutcome
+
+A phase that trains runs a Trainer over a Method on engines from RunEngines, checkpoints under
+checkpoints/<phase>/ and exports its model into the run directory. pipeline.py runs them in turn
+and writes metrics.json from what they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from matekd_ds import distributed, models
+from matekd_ds.checkpoint import Checkpointer
+from matekd_ds.engines import RunEngines
+from matekd_ds.evaluation import DevEvaluator, evaluate, main_score
+from matekd_ds.inputs import RunInputs
+from matekd_ds.methods import FineTune, KnowledgeDistillation, MateKD, Method, MlmWarmup
+from matekd_ds.methods.mlm import MlmEvaluator
+from matekd_ds.monitor import Monitor, log
+from matekd_ds.partition import gathered_state_dict, is_partitioned, memory_record, param_numel
+from matekd_ds.perturb import Perturber
+from matekd_ds.run_dir import RunDir
+from matekd_ds.teacher import Teacher
+from matekd_ds.trainer import LoopConfig, LoopState, Trainer
+
+MLM_EVAL_EXAMPLES = 512  # dev examples scored during the generator's MLM warm-up
+
+
+@dataclass(frozen=True)
+class PhaseContext:
+    """What every phase shares: the run's inputs, its engines, its directory, its scalar log,
+    and whether this invocation resumes an earlier one (and what that one recorded)."""
+
+    inputs: RunInputs
+    engines: RunEngines
+    run: RunDir
+    monitor: Monitor
+    resume: bool
+    previous: dict[str, Any]  # the resumed run's metrics.json ({} for a fresh run)
+
+    def trainer(self, method: Method, phase: str, total_steps: int, evaluator, device: torch.device,
+                on_best: Callable[[], None] | None = None) -> Trainer:
+        cfg = self.inputs.cfg
+        return Trainer(method, self.inputs.train, self.inputs.pad_id, device,
+                       LoopConfig.of_run(cfg, phase, total_steps), evaluator,
+                       Checkpointer(self.run.checkpoints(phase), cfg.output.keep_checkpoints), self.monitor, on_best)
+
+    def dev_evaluator(self, model: torch.nn.Module, device: torch.device) -> DevEvaluator:
+        return DevEvaluator(model, self.inputs.dev, self.inputs.data.spec, self.inputs.cfg.eval.batch_size,
+                            self.inputs.pad_id, device)
+
+
+def _module_after_training(engine, reload: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """The trained module, free of its engine. A ZeRO-3 engine leaves only partitions in the
+    module (and its hooks on it): the module comes back from its export instead."""
+    module = engine.module
+    partitioned = is_partitioned(module)
+    engine.destroy()
+    if partitioned:
+        distributed.barrier()  # rank 0 has finished writing the export
+        module = reload()
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The teacher
+
+
+@dataclass(frozen=True)
+class TeacherOutcome:
+    teacher: Teacher | None  # None: this run needs no teacher (plain ft)
+    scores: dict[str, Any] | None  # metrics.json "teacher": dev metrics and parameter count
+    finetune: dict[str, Any] | None  # metrics.json "teacher_finetune", when this run fine-tuned it
+    memory: dict[str, Any] | None  # its parameter bytes per rank
+
+
+def teacher_phase(ctx: PhaseContext) -> TeacherOutcome:
+    """Fine-tune the teacher if asked (and not already done by the run being resumed), then
+    freeze it (a plain module, or a ZeRO-3 inference engine) and score it on dev."""
+    inputs = ctx.inputs
+    model = inputs.models.teacher
+    if model is None:
+        return TeacherOutcome(None, None, None, None)
+    finetune = ctx.previous.get("teacher_finetune")
+    if inputs.cfg.models.teacher_finetune_epochs > 0 and not inputs.models.teacher_is_finetuned:
+        model, finetune = _fine_tune_teacher(ctx, model)
+    device = distributed.device()
+    teacher = ctx.engines.frozen_teacher(model, device)
+    memory = memory_record(teacher.module, ctx.engines.ds_configs.get("teacher"))
+    spec = inputs.data.spec
+    dev = evaluate(teacher.module, inputs.dev, spec, inputs.cfg.eval.batch_size, inputs.pad_id, device)
+    log.info(f"[teacher] dev {spec.main_metric} {main_score(dev):.4f}; parameters on each rank: "
+             f"{memory['param_bytes_rank_max'] / 2**20:.2f} MiB of {memory['param_bytes_full'] / 2**20:.2f} MiB")
+    return TeacherOutcome(teacher, {"dev": dev, "params": param_numel(teacher.module)}, finetune, memory)
+
+
+def _fine_tune_teacher(ctx: PhaseContext, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
+    inputs = ctx.inputs
+    spec, total = inputs.data.spec, ctx.engines.teacher_finetune_steps
+    engine = ctx.engines.teacher_finetune(model)
+    trainer = ctx.trainer(FineTune(engine, spec.is_regression, role="teacher"), "teacher", total,
+                          ctx.dev_evaluator(engine.module, engine.device), engine.device)
+    log.info(f"[teacher] fine-tuning for {total} steps")
+    state = trainer.fit(ctx.resume)
+    ctx.run.export("teacher", engine.module, inputs.tokenizer)
+    model = _module_after_training(engine, lambda: models.load_classifier(
+        "teacher", str(ctx.run.model_dir("teacher")), spec.num_labels, inputs.tokenizer, spec.is_regression))
+    distributed.barrier()
+    return model, {"dev": state.evaluations[-1]["dev"], "best": state.best, "steps": state.step,
+                   "train_seconds": state.train_seconds}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The generator's MLM warm-up
+
+
+@dataclass(frozen=True)
+class GeneratorOutcome:
+    generator: torch.nn.Module | None  # None: the method is not matekd
+    warmup: dict[str, Any] | None  # metrics.json "generator_warmup", when the run warmed it up
+
+
+def generator_warmup_phase(ctx: PhaseContext) -> GeneratorOutcome:
+    """MLM on the task's training text (methods/mlm.py), if asked and not already done by the
+    run being resumed; the warmed generator is exported to <run>/generator_warm."""
+    inputs = ctx.inputs
+    generator, steps = inputs.models.generator, inputs.cfg.matekd.generator_mlm_warmup_steps
+    if generator is None or steps == 0:
+        return GeneratorOutcome(generator, None)
+    if inputs.models.generator_is_warm:
+        return GeneratorOutcome(generator, ctx.previous.get("generator_warmup"))
+    engine = ctx.engines.generator_warmup(generator)
+    perturber = Perturber.for_run(inputs.cfg.matekd, inputs.tokenizer)
+    dev = next(iter(inputs.dev.values())).head(MLM_EVAL_EXAMPLES)
+    evaluator = MlmEvaluator(engine.module, perturber, dev, inputs.cfg.eval.batch_size, inputs.pad_id, engine.device)
+    before = evaluator()["dev"]
+    log.info(f"[generator] MLM warm-up for {steps} steps; dev masked-token accuracy before: {before['accuracy']:.4f}")
+    state = ctx.trainer(MlmWarmup(engine, perturber), "generator_warmup", steps, evaluator, engine.device).fit(ctx.resume)
+    ctx.run.export("generator_warm", engine.module, inputs.tokenizer)
+    generator = _module_after_training(engine, lambda: models.load_generator(
+        str(ctx.run.model_dir("generator_warm")), inputs.tokenizer))
+    distributed.barrier()
+    return GeneratorOutcome(generator, {"steps": state.step, "dev_before": before,
+                                        "dev_after": state.evaluations[-1]["dev"]["dev"],
+                                        "train_seconds": state.train_seconds})
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The student
+
+
+@dataclass(frozen=True)
+class StudentOutcome:
+    state: LoopState  # steps, evaluations, best, throughput counters
+    params: int
+    memory: dict[str, dict[str, Any]]  # per trained engine: parameter bytes per rank
+
+
+def student_phase(ctx: PhaseContext, teacher: Teacher | None, generator: torch.nn.Module | None) -> StudentOutcome:
+    """Train the student with the run's method, exporting student_best/ at every new best
+    evaluation and student/ at the end."""
+    inputs, cfg, device = ctx.inputs, ctx.inputs.cfg, distributed.device()
+    model = inputs.models.student if inputs.models.student is not None else _student_from_teacher(teacher, cfg)
+    method = _build_method(ctx, model, teacher, generator, device)
+    student = method.engines["student"].module
+    memory = {role: memory_record(engine.module, ctx.engines.ds_configs[role]) for role, engine in method.engines.items()}
+    total = ctx.engines.student_phase_steps
+    on_best = partial(ctx.run.export, "student_best", student, inputs.tokenizer) if cfg.eval.save_best else None
+    trainer = ctx.trainer(method, "student", total, ctx.dev_evaluator(student, device), device, on_best)
+    log.info(f"[student] {cfg.method} for {total} steps")
+    state = trainer.fit(ctx.resume)
+    ctx.run.export("student", student, inputs.tokenizer)
+    return StudentOutcome(state, param_numel(student), memory)
+
+
+def _student_from_teacher(teacher: Teacher, cfg) -> torch.nn.Module:
+    """DistilBERT-style: the teacher's embeddings, head and chosen layers. A ZeRO-3 teacher
+    holds partitions only: its full weights are gathered (CPU, every rank) first."""
+    full = gathered_state_dict(teacher.module, rank0_only=False) if is_partitioned(teacher.module) else None
+    student = models.init_student_from_teacher(teacher.module, cfg.models.student_init_from_teacher_layers,
+                                               state_dict=full).float()
+    student.requires_grad_(True)
+    return student
+
+
+def _build_method(ctx: PhaseContext, student: torch.nn.Module, teacher: Teacher | None,
+                  generator: torch.nn.Module | None, device: torch.device) -> Method:
+    inputs, cfg = ctx.inputs, ctx.inputs.cfg
+    regression = inputs.data.spec.is_regression
+    if teacher is not None and cfg.method != "ft" and cfg.train.cache_teacher_logits:
+        teacher = teacher.with_cached_clean_logits(inputs.train, cfg.eval.batch_size, inputs.pad_id, device)
+    student_engine = ctx.engines.student(student)
+    if cfg.method == "ft":
+        return FineTune(student_engine, regression)
+    if cfg.method == "kd":
+        return KnowledgeDistillation(student_engine, teacher, regression, cfg.kd.alpha, cfg.kd.temperature)
+    m = cfg.matekd
+    return MateKD(student_engine, ctx.engines.generator(generator), teacher, Perturber.for_run(m, inputs.tokenizer),
+                  regression=regression, temperature=m.temperature, loss_weights=m.loss_weights,
+                  generator_steps=m.generator_steps, student_steps=m.student_steps)
