@@ -27,8 +27,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
-        "test": ["pytest>=8", "triton>=3.0", "scipy"],
+        "triton": ["triton>=3.9,<3.10"],
+        "test": ["pytest>=8", "triton>=3.9,<3.10", "scipy"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["matekd=matekd_ds.cli:main"]},

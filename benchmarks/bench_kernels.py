@@ -1,48 +1,63 @@
 #!/usr/bin/env python
-"""Benchmark matekd_ds.kernels against eager torch, torch.compile and Liger-Kernel.
+"""Benchmark matekd_ds.kernels: timed against eager torch, torch.compile and Liger-Kernel, or
+compiled ahead of time for sm_80/sm_90 and estimated from their SASS (no GPU needed).
 
     python benchmarks/bench_kernels.py [--quick] [--dtype bf16|fp32|fp16] [--no-save]
+    python benchmarks/bench_kernels.py --aot [--jobs N] [--no-save]
 
-For each case and implementation it reports the median time of forward, backward and
+Timed: for each case and implementation, the median time of forward, backward and
 forward+backward, the effective bandwidth (minimal bytes an ideal fused kernel must move / time;
 see _BYTES), the % of the GPU's peak HBM bandwidth when the card is known, and the peak extra
-memory of one forward+backward (GPU only). Results go to
-benchmarks/results/kernels_<device>_<date>.json (+ a PNG plot when matplotlib is importable).
+memory of one forward+backward (GPU only). On a CPU-only machine only the torch paths are timed
+(Triton would run in its interpreter, whose timings mean nothing) and the large shapes are cut to
+CPU_ROWS rows. Results: benchmarks/results/kernels_<device>_<date>.json (+ PNG when matplotlib is
+importable).
 
-On a CPU-only machine only the torch paths are timed (Triton would run in its interpreter,
-whose timings mean nothing), the large shapes are cut to CPU_ROWS rows, and memory is "n/a".
+--aot: every production kernel variant built for sm_80 and sm_90 in fp32/bf16/fp16 (see
+matekd_ds.kernels.aot); per kernel, target and dtype: registers, shared memory, spills, SASS
+instructions and bytes moved per element, the widest global load in its loops, and two H100
+estimates at M = 1229 rows of V = 50265 (the small-C divergence at C = 2 and 3): the memory-bound
+time (bytes at 3.35 TB/s) and the issue-bound time (SASS instructions at 132 SMs x 4 warp
+instructions per clock x 1.98 GHz). Results: benchmarks/results/kernels_aot_<date>.json. The last
+line is `aot_issue_over_memory_max: X.XX`, the largest issue/memory ratio over the production
+kernels for sm_90 in bf16 (>1: the kernel is bound by instruction issue, not by memory).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
-import platform
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, run as a script
-from provenance import git_commit  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, run as a script
+from harness import (  # noqa: E402
+    REPO, RESULTS, PeakMemory, device_name, device_slug, median_ms, provenance, pyplot, save_json, today,
+)
+
 PEAK_HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM parts
 CPU_ROWS = 64
 TEMPERATURE = 2.0
 TAU = 1.0
 # Bytes per element an ideal kernel moves, in units of one logits element:
-#   gumbel: fwd reads x, writes y; bwd reads x, dy, writes dx.
+#   gumbel: fwd reads x, writes y; bwd reads x, dy, writes dx.   gumbel_ids: reads x (fwd only).
 #   kl/mse: fwd reads s, t; bwd reads s, t, writes ds (+ dt when the teacher needs a gradient).
 _BYTES = {
     "gumbel": {"fwd": 2, "bwd": 3},
+    "gumbel_ids": {"fwd": 1},
     "kl": {"fwd": 2, "bwd": 3},
     "kl_teacher_grad": {"fwd": 2, "bwd": 4},
+}
+# The kernels the issue/memory ratio is reported over (sm_90, bf16), by group.
+AOT_GROUPS = {
+    "ids": ("sample_ids",),
+    "straight-through": ("st_forward_hard", "st_forward_soft", "st_backward"),
+    "divergence": ("divergence_forward", "divergence_backward", "divergence_forward_C2", "divergence_backward_C2",
+                   "divergence_forward_C3", "divergence_backward_C3"),
 }
 
 
@@ -52,7 +67,7 @@ _BYTES = {
 def load_kernels():
     """matekd_ds.kernels, also from an uninstalled checkout (the package lives in kernels/)."""
     try:
-        import matekd_ds.kernels as kernels
+        from matekd_ds import kernels
 
         return kernels
     except ImportError:
@@ -77,23 +92,9 @@ def load_liger_kl():
     return LigerKLDIVLoss(reduction="batchmean", log_target=True), ""
 
 
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((gbps for key, gbps in PEAK_HBM_GBPS.items() if key in name), None)
-        return {"name": name, "peak_hbm_gbps": peak}
-    return {"name": f"CPU ({platform.processor() or platform.machine()})", "peak_hbm_gbps": None}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except Exception as exc:  # noqa: BLE001
-        out["triton"] = f"unavailable ({type(exc).__name__})"
-    return out
+def peak_hbm_gbps(device: torch.device) -> float | None:
+    name = device_name(device)
+    return next((gbps for key, gbps in PEAK_HBM_GBPS.items() if key in name), None) if device.type == "cuda" else None
 
 
 # --------------------------------------------------------------------------- reference formulations
@@ -123,66 +124,32 @@ def official_mse(student, teacher):
 # --------------------------------------------------------------------------- timing
 
 
-def _timer(device):
-    if device.type == "cuda":
-
-        def run(fn):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-
-    else:
-
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-
-    return run
-
-
-def median_ms(fn, device, repeats, warmup, setup=None):
-    timed = _timer(device)
-    for _ in range(warmup):
-        if setup:
-            setup()
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if setup:
-            setup()
-        samples.append(timed(fn))
-    return statistics.median(samples)
-
-
 def peak_extra_mib(fn, device):
-    """Peak memory of fn above what was allocated before it (GPU only)."""
+    """Peak memory of fn above what was allocated before it (GPU only: CPU RSS is too coarse)."""
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with PeakMemory(device) as peak:
+        fn()
+    return peak.peak_extra / 2**20
 
 
 def bench_impl(make_loss, inputs, grad, device, repeats, warmup):
-    """Time forward, backward (retained graph) and forward+backward of one implementation."""
+    """Time forward, backward (retained graph) and forward+backward of one implementation; forward
+    only when it returns no graph (the ids-only sampler)."""
 
     def clear():
         for t in inputs:
             t.grad = None
 
+    fwd_ms = median_ms(make_loss, device, repeats, warmup)
+    out = make_loss()
+    if not out.requires_grad:
+        return {"fwd_ms": fwd_ms, "peak_extra_mib": peak_extra_mib(make_loss, device)}
+
     def fwd_bwd():
         make_loss().backward(grad)
 
-    fwd_ms = median_ms(make_loss, device, repeats, warmup)
-    out = make_loss()
-    bwd_ms = median_ms(lambda: out.backward(grad, retain_graph=True), device, repeats, warmup, setup=clear)
+    bwd_ms = median_ms(lambda out=out: out.backward(grad, retain_graph=True), device, repeats, warmup, setup=clear)
     del out
     clear()
     fwd_bwd_ms = median_ms(fwd_bwd, device, repeats, warmup, setup=clear)
@@ -192,9 +159,12 @@ def bench_impl(make_loss, inputs, grad, device, repeats, warmup):
 
 
 def add_bandwidth(result, n_elems, elem_bytes, byte_model, peak_gbps):
-    bytes_fwd = byte_model["fwd"] * n_elems * elem_bytes
-    bytes_bwd = byte_model["bwd"] * n_elems * elem_bytes
-    for phase, nbytes in (("fwd", bytes_fwd), ("bwd", bytes_bwd), ("fwd_bwd", bytes_fwd + bytes_bwd)):
+    phases = {phase: byte_model[phase] * n_elems * elem_bytes for phase in byte_model}
+    if "bwd" in phases and "bwd_ms" in result:
+        phases["fwd_bwd"] = phases["fwd"] + phases["bwd"]
+    for phase, nbytes in phases.items():
+        if f"{phase}_ms" not in result:
+            continue
         gbps = nbytes / (result[f"{phase}_ms"] * 1e-3) / 1e9
         result[f"{phase}_gbps"] = gbps
         if peak_gbps:
@@ -213,6 +183,19 @@ def gumbel_impls(kernels, on_gpu, compile_fn):
         impls["compiled_official"] = compile_fn(official_gumbel)
     if on_gpu:
         impls["matekd_triton"] = lambda x: kernels.gumbel_softmax_sample(x, TAU, True, seed=0, backend="triton")[1]
+    return impls
+
+
+def gumbel_ids_impls(kernels, on_gpu):
+    """Student steps: only the sampled ids are needed."""
+    impls = {
+        "eager_official_argmax": lambda x: official_gumbel(x.detach()).argmax(-1),
+        "matekd_torch": lambda x: kernels.gumbel_sample_ids(x.detach(), TAU, seed=0, backend="torch"),
+    }
+    if on_gpu:
+        impls["matekd_triton_st_ids"] = lambda x: kernels.gumbel_softmax_sample(x.detach(), TAU, True, seed=0,
+                                                                                  backend="triton")[0]
+        impls["matekd_triton"] = lambda x: kernels.gumbel_sample_ids(x.detach(), TAU, seed=0, backend="triton")
     return impls
 
 
@@ -245,7 +228,9 @@ def mse_impls(compile_fn):
 
 def build_cases(on_gpu):
     """(name, op, rows, cols, note). Large shapes are cut to CPU_ROWS rows on CPU."""
-    cases = [("gumbel_1228x50265", "gumbel", int(0.3 * 32 * 128), 50265)]
+    masked_rows = int(0.3 * 32 * 128)
+    cases = [("gumbel_1228x50265", "gumbel", masked_rows, 50265), ("gumbel_ids_1228x50265", "gumbel_ids",
+                                                                    masked_rows, 50265)]
     for rows in (32, 8192):
         for cols in (2, 3, 1):
             cases.append((f"{'mse' if cols == 1 else 'kl'}_{rows}x{cols}", "mse" if cols == 1 else "kl", rows, cols))
@@ -265,12 +250,12 @@ def run_case(case, impls, device, dtype, repeats, warmup, peak_gbps):
     gen = torch.Generator(device="cpu").manual_seed(0)
     results = {}
     for impl_name, spec in impls.items():
-        fn, teacher_grad = (spec, False) if op == "gumbel" else spec
-        x = (torch.randn(rows, cols, generator=gen) * 2).to(device, dtype).requires_grad_(True)
-        if op == "gumbel":
+        fn, teacher_grad = (spec, False) if op.startswith("gumbel") else spec
+        x = (torch.randn(rows, cols, generator=gen) * 2).to(device, dtype).requires_grad_(op != "gumbel_ids")
+        if op.startswith("gumbel"):
             inputs, grad = [x], torch.randn(rows, cols, generator=gen).to(device, dtype)
             make_loss = lambda fn=fn, x=x: fn(x)  # noqa: E731
-            byte_model = _BYTES["gumbel"]
+            byte_model = _BYTES[op]
         else:
             t = (torch.randn(rows, cols, generator=gen) * 2).to(device, dtype).requires_grad_(teacher_grad)
             inputs, grad = [x, t], None
@@ -299,40 +284,41 @@ def _fmt(value, spec):
 def print_case(entry, peak_gbps):
     header = f"\n== {entry['case']} [{entry['rows']}x{entry['cols']} {entry['dtype']}]"
     print(header + (f"  ({entry['note']})" if entry["note"] else ""))
-    cols = f"{'impl':<28}{'fwd ms':>10}{'bwd ms':>10}{'f+b ms':>10}{'f+b GB/s':>10}"
+    cols = f"{'impl':<28}{'fwd ms':>10}{'bwd ms':>10}{'f+b ms':>10}{'GB/s':>10}"
     cols += f"{'%peak':>7}" if peak_gbps else ""
     print(cols + f"{'peak MiB':>10}")
     for impl, res in entry["results"].items():
         if "error" in res:
             print(f"{impl:<28}skipped/failed: {res['error']}")
             continue
-        line = f"{impl:<28}{res['fwd_ms']:>10.3f}{res['bwd_ms']:>10.3f}{res['fwd_bwd_ms']:>10.3f}"
-        line += f"{res['fwd_bwd_gbps']:>10.1f}"
-        line += f"{res['fwd_bwd_pct_peak']:>7.1f}" if peak_gbps else ""
+        phase = "fwd_bwd" if "fwd_bwd_ms" in res else "fwd"  # GB/s of forward+backward, or forward only
+        line = f"{impl:<28}{res['fwd_ms']:>10.3f}{_fmt(res.get('bwd_ms'), '.3f'):>10}"
+        line += f"{_fmt(res.get('fwd_bwd_ms'), '.3f'):>10}{res[f'{phase}_gbps']:>10.1f}"
+        line += f"{res[f'{phase}_pct_peak']:>7.1f}" if peak_gbps else ""
         print(line + f"{_fmt(res['peak_extra_mib'], '.1f'):>10}")
 
 
 def save_plot(report, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # noqa: BLE001
-        return f"no plot: matplotlib not importable ({type(exc).__name__})"
+    plt = pyplot()
+    if plt is None:
+        return "no plot"
     cases = report["cases"]
     impls = sorted({impl for c in cases for impl, r in c["results"].items() if "error" not in r})
+
+    def total_ms(result):
+        return result.get("fwd_bwd_ms", result.get("fwd_ms"))
+
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 5))
     width = 0.8 / max(1, len(impls))
     for i, impl in enumerate(impls):
-        xs = [j + i * width for j, c in enumerate(cases) if "fwd_bwd_ms" in c["results"].get(impl, {})]
-        ys = [c["results"][impl]["fwd_bwd_ms"] for c in cases if "fwd_bwd_ms" in c["results"].get(impl, {})]
-        ax.bar(xs, ys, width, label=impl)
+        points = [(j + i * width, total_ms(c["results"][impl])) for j, c in enumerate(cases)
+                  if impl in c["results"] and "error" not in c["results"][impl]]
+        ax.bar([p[0] for p in points], [p[1] for p in points], width, label=impl)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     ax.set_xticklabels([f"{c['case']}\n{c['rows']}x{c['cols']}" for c in cases], rotation=30, ha="right", fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("forward+backward, ms (median, log scale)")
-    ax.set_title(f"matekd_ds.kernels on {report['device']['name']} ({report['dtype']})")
+    ax.set_ylabel("forward+backward (ids: forward), ms (median, log scale)")
+    ax.set_title(f"matekd_ds.kernels on {report['device']} ({report['dtype']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -340,34 +326,124 @@ def save_plot(report, path):
     return f"plot: {path}"
 
 
+# --------------------------------------------------------------------------- ahead of time (--aot)
+
+
+def aot_kernel_name(build: dict) -> str:
+    """A production kernel's name in the table: what it computes, not its function name."""
+    kernel, c = build["kernel"], build["constexprs"]
+    names = {"_gumbel_fwd_kernel": "st_forward_hard" if c.get("HARD") else "st_forward_soft",
+             "_gumbel_bwd_kernel": "st_backward", "_sample_ids_kernel": "sample_ids",
+             "_divergence_fwd_kernel": "divergence_forward", "_divergence_bwd_kernel": "divergence_backward",
+             "_divergence_small_fwd_kernel": f"divergence_forward_C{c.get('C')}",
+             "_divergence_small_bwd_kernel": f"divergence_backward_C{c.get('C')}"}
+    return names[kernel]
+
+
+def aot_rows(aot, result: dict) -> list[dict]:
+    """One row per production kernel, target and dtype, estimated at its case's row length."""
+    rows, seen = [], set()
+    for per_target in result["targets"]:
+        builds = {b["hash"]: b for b in per_target["builds"]}
+        for launch in per_target["launches"]:
+            build = builds[launch["hash"]]
+            n_cols = int(re.search(r"/V=(\d+)", launch["case"]).group(1))
+            name = aot_kernel_name(build)
+            small = "_C" in name
+            if (small and n_cols == aot.ESTIMATE_COLS) or (not small and n_cols != aot.ESTIMATE_COLS):
+                continue
+            dtype = launch["case"].split("/")[1].split("+")[0]
+            key = (per_target["target"], name, dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            est = aot.estimate(build, aot.ESTIMATE_ROWS, n_cols)
+            loads = max((loop["max_load_bits"] for loop in build["loops"]), default=None)
+            rows.append({"kernel": name, "target": per_target["target"], "dtype": dtype, "V": n_cols,
+                         "registers": build["registers"], "shared_bytes": build["shared_bytes"],
+                         "spill_bytes": build["spill_stores"] + build["spill_loads"], "num_warps": build["num_warps"],
+                         "max_load_bits": loads, "sass_instructions": build["instructions"], **est})
+    order = [name for group in AOT_GROUPS.values() for name in group]
+    return sorted(rows, key=lambda r: (order.index(r["kernel"]), r["target"], r["dtype"]))
+
+
+def print_aot_table(rows: list[dict]) -> None:
+    head = (f"{'kernel':<24}{'target':<7}{'dtype':<6}{'V':>7}{'regs':>6}{'smem B':>8}{'spill':>6}{'ld bits':>8}"
+            f"{'instr/el':>9}{'B/el':>7}{'mem us':>9}{'issue us':>9}{'iss/mem':>8}")
+    print(head)
+    for r in rows:
+        print(f"{r['kernel']:<24}{r['target']:<7}{r['dtype']:<6}{r['V']:>7}{r['registers']:>6}{r['shared_bytes']:>8}"
+              f"{r['spill_bytes']:>6}{_fmt(r['max_load_bits'], 'd'):>8}{r['instructions_per_element']:>9.1f}"
+              f"{r['bytes_per_element']:>7.2f}{r['memory_bound_us']:>9.2f}{r['issue_bound_us']:>9.2f}"
+              f"{r['issue_over_memory']:>8.2f}")
+
+
+def run_aot(args) -> dict:
+    kernels = load_kernels()  # noqa: F841 - matekd_ds.kernels must be importable before its aot submodule
+    from matekd_ds.kernels import aot
+
+    case_args = {"vocab": [aot.ESTIMATE_COLS, *aot.SMALL_ESTIMATE_COLS], "rows": [aot.ESTIMATE_ROWS],
+                 "mixed": [], "padded": False}
+    result = aot.build_all(jobs=args.jobs, case_args=case_args)
+    found = aot.problems(result)
+    rows = aot_rows(aot, result)
+    print(f"ahead-of-time builds: {result['seconds']:.1f} s, triton {result['triton']}, ptxas {result['ptxas']}")
+    print(f"H100 estimates at M = {aot.ESTIMATE_ROWS}, V = {aot.ESTIMATE_COLS} (small-C divergence: C = 2, 3):\n")
+    print_aot_table(rows)
+    production = [r for r in rows if r["target"] == "sm_90" and r["dtype"] == "bf16"]
+    maxima = {group: max(r["issue_over_memory"] for r in production if r["kernel"] in names)
+              for group, names in AOT_GROUPS.items()}
+    print("\n" + ("\n".join(found) if found else "no compile errors, spills or alignment-dependent variants"))
+    for group, value in maxima.items():
+        print(f"aot_issue_over_memory_max[{group}]: {value:.2f}")
+    overall = max(maxima.values())
+    report = {**provenance(torch.device("cpu"), mode="aot"), "gpu_model": aot.H100,
+              "estimate_shape": {"rows": aot.ESTIMATE_ROWS, "cols": aot.ESTIMATE_COLS,
+                                 "small_c": list(aot.SMALL_ESTIMATE_COLS)},
+              "triton": result["triton"], "ptxas": result["ptxas"], "build_seconds": result["seconds"],
+              "problems": found, "rows": rows, "issue_over_memory_max": {**maxima, "all": overall},
+              "notes": [("instructions: SASS of the loop bodies times their trips plus the straight-line code, "
+                         "every loop body counted whole (conditional code included)"),
+                        "bytes: every pass over a row counted as HBM traffic (no cache reuse assumed)",
+                        "divergence_backward counts both gradients (MATE-KD's generator step)"]}
+    if not args.no_save:
+        save_json(f"kernels_aot_{today()}", report, args.out_dir)
+    print(f"aot_issue_over_memory_max: {overall:.2f}")
+    return report
+
+
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--aot", action="store_true", help="compile for sm_80/sm_90 and estimate from SASS (no GPU)")
+    p.add_argument("--jobs", type=int, default=None, help="--aot: targets compiled at once (default 2)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (and no torch.compile on CPU)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="logits dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--only", default=None, help="regex: run only the cases whose name matches")
-    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--no-save", action="store_true", help="print only; write no JSON / PNG")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.aot:
+        return run_aot(args)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     dtype = dtypes[args.dtype or ("bf16" if on_gpu else "fp32")]
     repeats = args.repeats or ((10 if on_gpu else 3) if args.quick else (50 if on_gpu else 10))
     warmup = 2 if args.quick else 5
-    info = device_info(device)
+    peak_gbps = peak_hbm_gbps(device)
     kernels = load_kernels()
     cpu_note = "  -> CPU run: torch paths only (Triton would be interpreted)"
-    print(f"device: {info['name']}" + ("" if on_gpu else cpu_note))
+    print(f"device: {device_name(device)}" + ("" if on_gpu else cpu_note))
 
     compile_skip = ""
     if args.no_compile:
@@ -384,27 +460,30 @@ def main(argv=None):
         op = case[1]
         if op == "gumbel":
             impls = gumbel_impls(kernels, on_gpu, compile_fn)
+        elif op == "gumbel_ids":
+            impls = gumbel_ids_impls(kernels, on_gpu)
         elif op == "kl":
             impls = kl_impls(kernels, on_gpu, compile_fn, liger)
         else:  # C == 1 is regression: the kernels reject it, the MSE on logits is the reference
             impls = mse_impls(compile_fn)
-        entry = run_case(case, impls, device, dtype, repeats, warmup, info["peak_hbm_gbps"])
+        entry = run_case(case, impls, device, dtype, repeats, warmup, peak_gbps)
         if op == "mse":
             mse_note = "C=1 regression: MSE on logits (kernels need C>=2)"
             entry["note"] = f"{entry['note']}; {mse_note}" if entry["note"] else mse_note
         entries.append(entry)
-        print_case(entry, info["peak_hbm_gbps"])
+        print_case(entry, peak_gbps)
 
     report = {
-        "device": info, "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
-        "versions": versions(), "dtype": str(dtype).replace("torch.", ""), "quick": args.quick,
+        **provenance(device), "peak_hbm_gbps": peak_gbps, "backends": kernels.backend_info(),
+        "dtype": str(dtype).replace("torch.", ""), "quick": args.quick,
         "repeats": repeats, "warmup": warmup, "temperature": TEMPERATURE, "tau": TAU,
         "skipped": {"torch_compile": compile_skip or None, "liger_kl": liger_skip or None,
                     "matekd_triton": None if on_gpu else "CPU run"},
-        "notes": ["times are medians in ms; GB/s counts the minimal bytes of an ideal fused kernel "
-                  "(gumbel: fwd 2, bwd 3 x M*V elements; kl: fwd 2, bwd 3 (4 with teacher grad) x N*C)",
-                  "KL rows time the student-only gradient (Liger differentiates its input only), "
-                  "except matekd_triton_teacher_grad",
+        "notes": [("times are medians in ms; GB/s counts the minimal bytes of an ideal fused kernel "
+                   "(gumbel: fwd 2, bwd 3 x M*V elements; gumbel_ids: fwd 1; kl: fwd 2, bwd 3 (4 with teacher "
+                   "grad) x N*C)"),
+                  ("KL rows time the student-only gradient (Liger differentiates its input only), "
+                   "except matekd_triton_teacher_grad"),
                   "peak_extra_mib: peak allocation of one forward+backward above the inputs (GPU only)"],
         "cases": entries,
     }
@@ -413,12 +492,8 @@ def main(argv=None):
             print(f"skipped {what}: {why}")
     if args.no_save:
         return report
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", info["name"].lower()).strip("-") if on_gpu else "cpu"
-    stem = args.out_dir / f"kernels_{slug}_{datetime.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
-    print(f"results: {stem.with_suffix('.json')}")
-    print(save_plot(report, stem.with_suffix(".png")))
+    path = save_json(f"kernels_{device_slug(device)}_{today()}", report, args.out_dir)
+    print(save_plot(report, path.with_suffix(".png")))
     return report
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from matekd_ds.config import MatekdConfig
-from matekd_ds.kernels import gumbel_softmax_sample
+from matekd_ds.kernels import gumbel_sample_ids, gumbel_softmax_sample
 from matekd_ds.masking import apply_mask, choose_mask, maskable
 from matekd_ds.models import masked_lm_parts
 
@@ -73,7 +73,7 @@ class Perturber:
     @torch.no_grad()
     def sample_perturbed_ids(self, generator: nn.Module, mb: MaskedBatch, seed: int) -> torch.Tensor:
         logits = self.masked_logits(generator, mb)
-        sampled, _ = gumbel_softmax_sample(logits, tau=self.tau, hard=True, seed=seed)
+        sampled = gumbel_sample_ids(logits, tau=self.tau, seed=seed)  # ids only: nothing of size M x V
         return mb.input_ids.masked_scatter(mb.mask, sampled)
 
     def sample_straight_through(self, generator: nn.Module, mb: MaskedBatch, seed: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import matekd_ds.kernels.divergence as div_mod  # noqa: E402
 from matekd_ds.kernels import kl_div, soft_cross_entropy  # noqa: E402
+from matekd_ds.kernels import launch as launch_mod  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOSSES = {"ce": soft_cross_entropy, "kl": kl_div}
@@ -145,7 +145,7 @@ def test_vocab_50265(kind):
 def test_many_blocks_with_moving_max(kind, monkeypatch):
     # BLOCK=16 over C=200 with ramps: both running maxima move in every block, exercising the
     # re-referencing of the cross sums.
-    monkeypatch.setattr(div_mod, "_MAX_BLOCK", 16)
+    monkeypatch.setattr(launch_mod, "MAX_BLOCK", 16)
     ramp = torch.linspace(-30.0, 30.0, 200, device=DEVICE)
     student, teacher = _pair(3, 200)
     _compare(kind, student + ramp, teacher + ramp.flip(0) * 0.5, temperature=1.3)
@@ -198,7 +198,7 @@ def test_extreme_and_masked_logits(kind, temperature):
 
 @pytest.mark.parametrize("kind", ["ce", "kl"])
 def test_extreme_logits_in_small_blocks(kind, monkeypatch):
-    monkeypatch.setattr(div_mod, "_MAX_BLOCK", 32)  # masked / huge entries straddle many blocks
+    monkeypatch.setattr(launch_mod, "MAX_BLOCK", 32)  # masked / huge entries straddle many blocks
     _compare(kind, *_edge_pair(), temperature=2.0, reduction="sum")
 
 
@@ -209,6 +209,66 @@ def test_zero_gradient_rows(kind):
     _, ds, dt = _compare(kind, student, teacher, grad_out=grad_rows, reduction="none")
     for row in (1, 3):
         assert torch.equal(ds[row], torch.zeros_like(ds[row])) and torch.equal(dt[row], torch.zeros_like(dt[row]))
+
+
+# --------------------------------------------------------------------------- small C and row layouts
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+@pytest.mark.parametrize("classes", [2, 3, 8])
+def test_small_classes_across_programs(kind, classes):
+    # 300 rows: three programs of 128 rows, the last one mostly past N.
+    student, teacher = _pair(300, classes)
+    grad_rows = torch.randn(300).to(DEVICE)
+    _compare(kind, student, teacher, grad_out=grad_rows, temperature=1.5, reduction="none")
+
+
+def _small_edge_pair():
+    student, teacher = _pair(5, 3)
+    student[0, 1], teacher[0, 1] = 1e4, 1e4  # huge shared winner
+    student[1, 0], teacher[1, 2] = -1e4, 1e4  # disagreeing extremes
+    student[2, 2] = teacher[2, 2] = float("-inf")  # a class masked in both
+    teacher[3, 0] = float("-inf")  # teacher-only mask: p_t = 0
+    teacher[4, 1:] = -1e4  # p_t underflows to exactly 0
+    return student, teacher
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_small_classes_extreme_and_masked(kind, temperature):
+    student, teacher = _small_edge_pair()
+    loss, _, dt = _compare(kind, student, teacher, temperature=temperature, reduction="none")
+    assert torch.isfinite(loss).all()
+    assert dt[2, 2] == 0 and dt[3, 0] == 0
+
+
+def test_small_classes_identical_logits_give_zero_kl_and_gradient():
+    student, _ = _pair(7, 3, scale=1e3)
+    loss, ds, dt = _compare("kl", student, student.clone(), reduction="none")
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert ds.abs().max() < 1e-6 and dt.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["ce", "kl"])
+@pytest.mark.parametrize("classes", [3, 1000])
+def test_padded_row_stride(kind, classes):
+    # Rows padded to a multiple of 16 (as a head writing into [N, C_pad] would leave them): the
+    # kernels may load the padding (filled with poison here) and must ignore it.
+    student, teacher = _pair(4, classes)
+    width = -(-classes // 16) * 16 + 16
+    s_buf = torch.full((4, width), 1e4, device=DEVICE)
+    t_buf = torch.full((4, width), float("nan"), device=DEVICE)
+    s_buf[:, :classes], t_buf[:, :classes] = student, teacher
+    s_buf.requires_grad_(True)
+    t_buf.requires_grad_(True)
+    s_view, t_view = s_buf[:, :classes], t_buf[:, :classes]
+    assert s_view.stride(0) == width  # the wrapper receives the padded layout
+    loss = LOSSES[kind](s_view, t_view, 2.0, reduction="none", backend="triton")
+    loss.backward(torch.arange(1.0, 5.0, device=DEVICE))
+    want = _loss_and_grads(lambda s, t: LOSSES[kind](s, t, 2.0, reduction="none", backend="torch"), student, teacher,
+                           grad_out=torch.arange(1.0, 5.0, device=DEVICE))
+    _assert_close_all((loss.detach(), s_buf.grad[:, :classes], t_buf.grad[:, :classes]), want, TOL[torch.float32])
+    assert (s_buf.grad[:, classes:] == 0).all() and (t_buf.grad[:, classes:] == 0).all()
 
 
 # --------------------------------------------------------------------------- API

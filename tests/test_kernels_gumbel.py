@@ -12,14 +12,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import math  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
-import matekd_ds.kernels.gumbel as gumbel_mod  # noqa: E402
-from matekd_ds.kernels import gumbel_softmax_sample, resolve_backend  # noqa: E402
+from matekd_ds.kernels import gumbel as gumbel_mod  # noqa: E402
+from matekd_ds.kernels import gumbel_softmax_sample, resolve_backend, rng  # noqa: E402
+from matekd_ds.kernels import launch as launch_mod  # noqa: E402
+from matekd_ds.kernels.dispatch import jit, tl  # noqa: E402
 from matekd_ds.kernels.gumbel import (  # noqa: E402
     _gumbel_softmax_triton,
     _gumbel_softmax_with_noise,
@@ -129,11 +132,12 @@ def test_vocab_50265_fixed_noise_hard():
 
 
 def test_many_blocks_with_moving_max(monkeypatch):
-    # BLOCK=16 over V=200. Rising ramp: the running max/argmax move in every block. Flat rows:
-    # the winner is decided by the noise alone, so block maxima are close to each other.
-    monkeypatch.setattr(gumbel_mod, "_MAX_BLOCK", 16)
-    ramp = torch.linspace(-20.0, 20.0, 200).repeat(3, 1) + torch.randn(3, 200)
-    logits = torch.cat([ramp, torch.zeros(8, 200)]).to(DEVICE)
+    # TILE=8 over V=200 (quarters of 64): 8 blocks of 4 sub-tiles. Rising ramp: the running
+    # max/argmax move in every block. Flat rows: the winner is decided by the noise alone, so block
+    # maxima are close to each other.
+    monkeypatch.setattr(launch_mod, "MAX_BLOCK", 32)
+    ramp = torch.linspace(-20.0, 20.0, 200).repeat(2, 1) + torch.randn(2, 200)
+    logits = torch.cat([ramp, torch.zeros(3, 200)]).to(DEVICE)
     for hard in (True, False):
         _compare_on_noise(logits, 0.9, hard, noise=_torch_gumbel_noise(logits.shape, 2, DEVICE))
     _compare_on_noise(logits, 0.9, True, seed=5)
@@ -147,6 +151,23 @@ def test_leading_dims_are_rows():
     assert ids.shape == (2, 3) and y.shape == (2, 3, 40)
     assert torch.equal(ids, ids_r)
     torch.testing.assert_close(y, y_r, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_padded_row_stride(hard):
+    # Rows padded to a multiple of 16 with poison in the padding: same ids, y and gradient as the
+    # contiguous rows, and y keeps the padded layout (its stores vectorise like the loads).
+    logits = _logits(3, 300)
+    buf = torch.full((3, 320), 1e4, device=DEVICE)
+    buf[:, :300] = logits
+    buf.requires_grad_(True)
+    grad_y = torch.randn(3, 300).to(DEVICE)
+    ids, y = gumbel_softmax_sample(buf[:, :300], 0.7, hard, seed=4, backend="triton")
+    y.backward(grad_y)
+    assert y.stride(0) == 320
+    want = _sample_and_grad(lambda x: gumbel_softmax_sample(x, 0.7, hard, seed=4, backend="triton"), logits, grad_y)
+    _assert_same((ids, y.detach(), buf.grad[:, :300]), want, torch.float32)
+    assert (buf.grad[:, 300:] == 0).all()
 
 
 # --------------------------------------------------------------------------- numerics at the edges
@@ -224,6 +245,17 @@ def _chi_square_p(ids, n_classes):
     return stats.chisquare(counts, expected).pvalue
 
 
+def test_torch_noise_is_one_cpu_stream_whatever_the_chunks(monkeypatch):
+    # The torch backend draws its noise in row chunks (the ids-only sampler holds one chunk at a
+    # time); on CPU the generator is serial, so the stream is that of one whole draw.
+    whole = _torch_gumbel_noise((37, 60), 11, "cpu")
+    monkeypatch.setattr(gumbel_mod, "NOISE_CHUNK_ELEMENTS", 700)  # 11 rows a chunk
+    assert torch.equal(_torch_gumbel_noise((37, 60), 11, "cpu"), whole)
+    gen = torch.Generator().manual_seed(11)
+    u = torch.rand(37, 60, generator=gen).clamp_min_(1e-20)
+    assert torch.equal(whole, -torch.log(-torch.log(u)))
+
+
 def test_torch_samples_follow_softmax():
     logits = torch.tensor(FIXED_LOGITS, device=DEVICE).repeat(20000, 1)
     ids, _ = gumbel_softmax_sample(logits, seed=2024, backend="torch")
@@ -233,9 +265,9 @@ def test_torch_samples_follow_softmax():
 def test_triton_samples_follow_softmax():
     n, vocab, seed = 20000, 7, 2024
     logits = torch.tensor(FIXED_LOGITS, device=DEVICE).repeat(n, 1)
-    # The RNG counter of (row, col) is row * V + col, so a [20, 7000] draw holds exactly the
-    # noise of the [20000, 7] problem: 20 interpreter programs instead of 20000.
-    noise = _triton_gumbel_noise((20, n * vocab // 20), seed, DEVICE).view(n, vocab)
+    # The noise of (row, column) depends on (seed, row, column, V) only, so the noise of the
+    # [20000, 7] problem (drawn 64 rows per program) is also the noise of any prefix of its rows.
+    noise = _triton_gumbel_noise((n, vocab), seed, DEVICE)
     assert stats.kstest(noise.flatten()[:50000].cpu().numpy(), "gumbel_r").pvalue > 1e-3
     # The sampling kernel must pick argmax(logits + that noise); on CPU check a prefix of rows
     # (each row is one slow interpreter program), on GPU all of them.
@@ -244,6 +276,49 @@ def test_triton_samples_follow_softmax():
     ids = (logits + noise).argmax(-1)
     assert torch.equal(ids_kernel, ids[:k])
     assert _chi_square_p(ids, vocab) > 1e-3
+
+
+def test_noise_depends_on_position_not_on_blocks(monkeypatch):
+    reference = _triton_gumbel_noise((5, 300), 17, DEVICE)
+    monkeypatch.setattr(launch_mod, "MAX_BLOCK", 16)  # 4-wide sub-tiles instead of 128-wide
+    assert torch.equal(_triton_gumbel_noise((5, 300), 17, DEVICE), reference)
+    assert torch.equal(_triton_gumbel_noise((2, 300), 17, DEVICE), reference[:2])
+    assert not torch.equal(_triton_gumbel_noise((5, 300), 18, DEVICE), reference)
+    assert not torch.equal(reference[0], reference[1])  # rows draw different counters
+
+
+def test_noise_tails():
+    # The largest of V Gumbels sits near ln V (~11 for a vocabulary): P(G > t) = 1 - exp(-exp(-t))
+    # must hold far out, and the uniforms' 23-bit grid must not clip the tails early.
+    noise = _triton_gumbel_noise((64, 16384), 99, DEVICE).double().flatten()
+    n = noise.numel()
+    for t in (4.0, 8.0, 10.0, -1.5, -2.0):
+        p = 1 - math.exp(-math.exp(-t)) if t > 0 else math.exp(-math.exp(-t))
+        count = int((noise > t).sum() if t > 0 else (noise < t).sum())
+        assert abs(count - n * p) < 5 * math.sqrt(n * p * (1 - p)) + 1, (t, count, n * p)
+    assert noise.max() > 12.0 and noise.min() < -2.5
+
+
+@jit
+def _gumbel_from_uniform_kernel(U, OUT, n):
+    cols = tl.arange(0, 1024)
+    for start in range(0, n, 1024):
+        u = tl.load(U + start + cols, mask=start + cols < n, other=0.5)
+        tl.store(OUT + start + cols, rng.gumbel_log2e(u, False), mask=start + cols < n)
+
+
+def test_gumbel_transform_accuracy():
+    # Every uniform the kernels can draw near both ends, and a sweep around the 15/16 switch from
+    # -log2(u) * ln 2 to the series in 1 - u; float64 truth. The interpreter runs the exact log2
+    # here; on GPU lg2.approx adds < 2e-6 on G (see rng.exponential).
+    k = torch.cat([torch.arange(0, 4096), torch.arange(2**23 - 4096, 2**23),
+                   torch.arange(2**23 - 2**19 - 4096, 2**23 - 2**19 + 4096)]).double()
+    u = (k + 0.5) / 2**23
+    out = torch.empty(len(u))
+    _gumbel_from_uniform_kernel[(1,)](u.float(), out, len(u))
+    truth = -torch.log2(-torch.log(u))
+    assert (out.double() - truth).abs().max() < 2e-6 * (1 + truth.abs().max())
+    assert ((out.double() - truth).abs() / (1 + truth.abs())).max() < 1e-6
 
 
 # --------------------------------------------------------------------------- dispatch and API

@@ -88,3 +88,25 @@ def test_soft_embeddings_equal_the_lookup_of_sampled_ids_and_reach_the_generator
     embeds.sum().backward()
     grads = [p.grad for p in generator.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_student_steps_sample_ids_only(monkeypatch):
+    """sample_perturbed_ids goes through the ids-only sampler (no [M, V] one-hot is built), and
+    its ids are the straight-through sampler's for the same seed (torch backend)."""
+    import matekd_ds.perturb as perturb
+
+    tokenizer, examples = tiny_tokenizer()
+    torch.manual_seed(0)
+    generator = load_generator("builtin:bert-L1-H32-A2", tokenizer).eval()
+    perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, 1.0)
+    mb = perturber.mask_batch(tiny_batch(tokenizer, examples), seed=2)
+    with torch.no_grad():
+        expected, _ = gumbel_softmax_sample(perturber.masked_logits(generator, mb), seed=3, backend="torch")
+
+    def no_one_hot(*args, **kwargs):
+        raise AssertionError("a student step built the straight-through one-hot")
+
+    monkeypatch.setattr(perturb, "gumbel_softmax_sample", no_one_hot)
+    perturbed = perturber.sample_perturbed_ids(generator, mb, seed=3)
+    assert torch.equal(perturbed[mb.mask], expected)
+    assert torch.equal(perturbed[~mb.mask], mb.input_ids[~mb.mask])
