@@ -10,7 +10,8 @@ from pathlib import Path
 
 from matekd_ds.errors import MatekdError
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: nothing was written
+EXIT_FAILED = 1  # the run started and ended early (diverged, disk full, ...): metrics.json says why
 
 
 def default_config_path() -> Path:
@@ -25,13 +26,19 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a student (ft, kd or matekd)")
     train.add_argument("--config", help="run config (YAML or JSON); default: the embedded offline demo")
-    train.add_argument("--resume", action="store_true", help="continue the run in output.dir from its latest checkpoint")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue the run in output.dir from its newest verified checkpoint (an error if there is none)")
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="continue the run in output.dir if there is one, else start it (for schedulers that rerun a job)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 method=kd")
 
     warm = sub.add_parser("warmup-generator", help="only the generator's MLM warm-up (matekd.generator_mlm_warmup_steps); "
                           "exports <output.dir>/generator_warm")
     warm.add_argument("--config", help="run config (YAML or JSON); default: the embedded offline demo")
-    warm.add_argument("--resume", action="store_true", help="continue the warm-up in output.dir")
+    warm_resume = warm.add_mutually_exclusive_group()
+    warm_resume.add_argument("--resume", action="store_true", help="continue the warm-up in output.dir")
+    warm_resume.add_argument("--auto-resume", action="store_true", help="continue it if started, else start it")
     warm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. models.generator=PATH")
 
     exp = sub.add_parser("experiment", help="an FT/KD/MATE-KD sweep over tasks and seeds, with a results table")
@@ -69,23 +76,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("matekd: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a full or read-only disk while writing: the last checkpoint is intact
+        what = err.strerror or _one_line(err)
+        where = f" {err.filename}" if getattr(err, "filename", None) else ""
+        print(f"matekd: error: could not write{where}: {what}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _train(args) -> int:
+    from matekd_ds import signals
     from matekd_ds.config import load_config
-    from matekd_ds.trainer import StopRequested
+    from matekd_ds.health import Diverged
 
+    signals.install()  # from start-up to exit: a SIGTERM while loading stops cleanly too
     cfg = load_config(args.config or default_config_path(), args.overrides)
     generator_only = args.command == "warmup-generator"
     if generator_only and (cfg.method != "matekd" or cfg.matekd.generator_mlm_warmup_steps == 0):
         raise MatekdError("warmup-generator needs method=matekd and matekd.generator_mlm_warmup_steps > 0")
     from matekd_ds import pipeline, summary
+    from matekd_ds.run_dir import RunDir
 
+    resume = args.resume or (args.auto_resume and RunDir(cfg.output.dir).config_file.is_file())
     try:
-        metrics = pipeline.run_training(cfg, resume=args.resume, generator_only=generator_only)
-    except StopRequested as stop:
+        metrics = pipeline.run_training(cfg, resume=resume, generator_only=generator_only)
+    except signals.StopRequested as stop:
         print(f"matekd: {stop}", file=sys.stderr)
-        return 143
+        return signals.EXIT_CODE
+    except Diverged as err:
+        print(f"matekd: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_FAILED
     if generator_only:
         warm = metrics.get("generator_warmup") or {}
         if "dev_after" in warm:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import yaml
 from matekd_ds.errors import MatekdError
 
 METHODS = ("ft", "kd", "matekd")
+# AdamW moves every weight by about lr per step: above 1 no training converges, it only overflows.
+MAX_LR = 1.0
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -45,6 +48,10 @@ class DataConfig:
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
     main_metric: str = "accuracy"
     max_length: int = 128
+    # Training batches of similar length (HF Trainer's group_by_length, fairseq's buckets): each
+    # epoch's examples sorted by token count, cut into batches, batches in a seeded random order.
+    # Same batches per epoch, same examples, resumable; far less padding on real text.
+    group_by_length: bool = False
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -117,6 +124,9 @@ class TrainConfig:
     # Overrides the ZeRO stage of the trained engines (student, generator, and the teacher when it
     # is fine-tuned); the frozen teacher's engine is set by deepspeed.teacher.
     zero_stage: int | None = None
+    # fp16 only: DeepSpeed skips a step whose scaled gradients overflow and lowers the loss scale;
+    # more skips than this in a row stop the run as diverged. (bf16/fp32: any skip does.)
+    max_overflow_skips: int = 50
 
 
 @dataclass
@@ -221,6 +231,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise MatekdError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise MatekdError(f"config key '{key}' must be a finite number, got {value!r}")
             return float(value)
         raise MatekdError(f"config key '{key}' must be a number, got {value!r}")
     if tp is str:
@@ -343,9 +355,10 @@ def validate(cfg: RunConfig) -> None:
     _check(m.student_steps >= 1, f"matekd.student_steps must be >= 1, got {m.student_steps}")
     _check(len(m.loss_weights) == 3, "matekd.loss_weights needs 3 numbers: CE, divergence(clean), divergence(perturbed)")
     _check(all(w >= 0 for w in m.loss_weights), f"matekd.loss_weights must be >= 0, got {m.loss_weights}")
-    _check(m.generator_lr >= 0, f"matekd.generator_lr must be >= 0, got {m.generator_lr}")
+    _check(0 <= m.generator_lr <= MAX_LR, f"matekd.generator_lr must be in [0, {MAX_LR}], got {m.generator_lr}")
     _check(m.generator_mlm_warmup_steps >= 0, f"matekd.generator_mlm_warmup_steps must be >= 0, got {m.generator_mlm_warmup_steps}")
-    _check(m.generator_mlm_warmup_lr > 0, f"matekd.generator_mlm_warmup_lr must be > 0, got {m.generator_mlm_warmup_lr}")
+    _check(0 < m.generator_mlm_warmup_lr <= MAX_LR,
+           f"matekd.generator_mlm_warmup_lr must be in (0, {MAX_LR}], got {m.generator_mlm_warmup_lr}")
     _check(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha must be in [0, 1], got {cfg.kd.alpha}")
     _check(cfg.kd.temperature > 0, f"kd.temperature must be > 0, got {cfg.kd.temperature}")
     t = cfg.train
@@ -353,7 +366,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.max_steps is None or t.max_steps > 0, f"train.max_steps must be > 0, got {t.max_steps}")
     _check(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
-    _check(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _check(0 < t.lr <= MAX_LR, f"train.lr must be in (0, {MAX_LR}], got {t.lr}")
+    _check(t.max_overflow_skips >= 1, f"train.max_overflow_skips must be >= 1, got {t.max_overflow_skips}")
     _check(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _check(t.clip >= 0, f"train.clip must be >= 0, got {t.clip}")
     _check(t.zero_stage is None or t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
@@ -369,6 +383,8 @@ def validate(cfg: RunConfig) -> None:
     if cfg.models.teacher_finetune_epochs is None:
         cfg.models.teacher_finetune_epochs = 3.0 if cfg.models.teacher.startswith("builtin:") else 0.0
     _check(cfg.models.teacher_finetune_epochs >= 0, "models.teacher_finetune_epochs must be >= 0")
+    _check(0 < cfg.models.teacher_finetune_lr <= MAX_LR,
+           f"models.teacher_finetune_lr must be in (0, {MAX_LR}], got {cfg.models.teacher_finetune_lr}")
     _check(bool(cfg.output.dir), "output.dir must not be empty")
     if cfg.task == "custom":
         _check(bool(cfg.data.train_file), "task: custom needs data.train_file")

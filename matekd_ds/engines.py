@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from matekd_ds import distributed
 from matekd_ds.config import RunConfig
 from matekd_ds.ds_config import fill_model_autos
 from matekd_ds.methods.matekd import count_student_steps
@@ -89,9 +90,10 @@ class EngineSpec:
     schedule: str = "linear"  # or "constant"
 
 
-def build_engine(model: nn.Module, spec: EngineSpec):
+def build_engine(model: nn.Module, spec: EngineSpec, single_rank_fast_path: bool = True):
     """A trained model's DeepSpeed engine: its optimizer (AdamW, or apex FusedAdam on CUDA when
-    installed), its learning-rate schedule, its ZeRO stage and precision."""
+    installed), its learning-rate schedule, its ZeRO stage and precision. At world size 1 it
+    takes the single-rank fast path (below) unless `single_rank_fast_path` is False."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -104,12 +106,53 @@ def build_engine(model: nn.Module, spec: EngineSpec):
     # A callable: DeepSpeed hands it the optimizer it actually steps (the ZeRO-wrapped one's base).
     scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)  # noqa: E731
     ds_config = fill_model_autos(spec.ds_config, model)
+    single_rank = single_rank_fast_path and distributed.world_size() == 1
+    if single_rank:
+        ds_config = single_rank_ds_config(ds_config)
     if apex_fused_adam() is not None and on_cuda:
         ds_config.setdefault("zero_allow_untested_optimizer", True)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
     )
+    if single_rank and engine.zero_optimization_stage() == 0:
+        skip_single_rank_allreduce(engine)
     return engine
+
+
+# ---------------------------------------------------------------------------------------------
+# The single-rank fast path: at world size 1 there is nothing to reduce or partition.
+
+
+def single_rank_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """ZeRO-1/2 at world size 1 in fp32 without offload, as ZeRO-0. One rank's partition is the
+    whole model, yet ZeRO-1/2 copy every gradient through their reduction buckets into a flat
+    fp32 partition (in fp32 a second copy of the weights) and every updated weight back. ZeRO-0
+    makes the same update (tests/test_single_rank.py). In bf16/fp16 ZeRO-0 is a different
+    optimizer wrapper with a different rounding, so those keep their stage."""
+    zero = ds_config.get("zero_optimization", {})
+    half = any(ds_config.get(name, {}).get("enabled") for name in ("bf16", "fp16"))
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    if zero.get("stage", 0) not in (1, 2) or half or offload:
+        return ds_config
+    return {**ds_config, "zero_optimization": {"stage": 0}}
+
+
+def skip_single_rank_allreduce(engine) -> None:
+    """A ZeRO-0 engine reduces gradients after each backward at an accumulation boundary: it
+    flattens them into buffers, all-reduces over the one rank, divides by 1 and copies them back
+    (about 85 ms of a cpu-small student step). At world size 1 all that changes is that a trained
+    parameter without a gradient gets a zero one, so AdamW still applies its momentum and weight
+    decay: do only that. Clipping, loss scaling and accumulation live in backward/step, untouched."""
+    def fill_missing_gradients(*args, **kwargs) -> None:
+        boundary = engine.is_gradient_accumulation_boundary()
+        if hasattr(engine.optimizer, "set_gradient_accumulation_boundary"):
+            engine.optimizer.set_gradient_accumulation_boundary(boundary)
+        if boundary:
+            for param in engine.module.parameters():
+                if param.requires_grad and param.grad is None and param.numel():
+                    param.grad = torch.zeros_like(param)
+
+    engine.allreduce_gradients = fill_missing_gradients
 
 
 def build_teacher_engine(model: nn.Module, ds_config: dict[str, Any]):
@@ -167,26 +210,27 @@ class RunEngines:
             return total
         return count_student_steps(total, m.generator_steps, m.student_steps)
 
-    # -- the engines
+    # -- the engines. A trained model trains in train mode (dropout on): from_pretrained hands
+    #    models back in eval mode, and DeepSpeed leaves the mode as it finds it.
 
     def teacher_finetune(self, model: nn.Module):
         """Fine-tuning the teacher (method ft) trains it with the student's DeepSpeed config."""
         total = self.teacher_finetune_steps
-        return build_engine(model, EngineSpec(
+        return build_engine(model.train(), EngineSpec(
             "teacher", dict(self.ds_configs["student"]), self.cfg.models.teacher_finetune_lr,
             self.cfg.train.weight_decay, total, warmup_steps=int(TEACHER_FINETUNE_WARMUP * total),
         ))
 
     def generator_warmup(self, model: nn.Module):
         steps = self.cfg.matekd.generator_mlm_warmup_steps
-        return build_engine(model, EngineSpec(
+        return build_engine(model.train(), EngineSpec(
             "generator", dict(self.ds_configs["generator"]), self.cfg.matekd.generator_mlm_warmup_lr, 0.01,
             steps, warmup_steps=int(TEACHER_FINETUNE_WARMUP * steps),
         ))
 
     def student(self, model: nn.Module):
         steps = self.student_optimizer_steps
-        return build_engine(model, EngineSpec(
+        return build_engine(model.train(), EngineSpec(
             "student", self.ds_configs["student"], self.cfg.train.lr, self.cfg.train.weight_decay, max(1, steps),
             warmup_steps=int(self.cfg.train.warmup_ratio * steps),
         ))
@@ -194,7 +238,7 @@ class RunEngines:
     def generator(self, model: nn.Module):
         """MATE-KD's generator: AdamW at a constant learning rate (the official code's)."""
         steps = self.student_phase_steps - self.student_optimizer_steps
-        return build_engine(model, EngineSpec(
+        return build_engine(model.train(), EngineSpec(
             "generator", self.ds_configs["generator"], self.cfg.matekd.generator_lr, 0.0, max(1, steps),
             schedule="constant",
         ))

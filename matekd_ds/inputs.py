@@ -9,6 +9,7 @@ before DeepSpeed starts and before the run directory exists.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from matekd_ds.data.tasks import TaskData, load_task_data
 from matekd_ds.data.tokenizer import train_wordpiece
 from matekd_ds.ds_config import resolve_run_ds_configs
 from matekd_ds.errors import MatekdError
+from matekd_ds.partition import param_numel
 from matekd_ds.run_dir import RunDir
 
 
@@ -98,18 +100,40 @@ def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | No
     teacher = student = generator = None
     if uses_teacher(cfg):
         teacher_spec = str(resumed.model_dir("teacher")) if finetuned else cfg.models.teacher
-        teacher = models.load_classifier("teacher", teacher_spec, num_labels, tokenizer, regression)
+        with _model_seed(cfg, "teacher"):
+            teacher = models.load_classifier("teacher", teacher_spec, num_labels, tokenizer, regression)
     if cfg.models.student_init_from_teacher_layers is None:
-        student = models.load_classifier("student", cfg.models.student, num_labels, tokenizer, regression)
+        with _model_seed(cfg, "student"):
+            student = models.load_classifier("student", cfg.models.student, num_labels, tokenizer, regression)
+    else:
+        models.check_student_layers(teacher.config, cfg.models.student_init_from_teacher_layers)
     if cfg.method == "matekd":
         generator_spec = str(resumed.model_dir("generator_warm")) if warm else cfg.models.generator
-        generator = models.load_generator(generator_spec, tokenizer)
+        with _model_seed(cfg, "generator"):
+            generator = models.load_generator(generator_spec, tokenizer)
+        models.masked_lm_parts(generator)  # an unsupported MLM head is refused now, not after the teacher phase
     loaded = {role: m for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
               if m is not None}
     models.check_shared_vocabulary(loaded, tokenizer)
     if not cfg.models.tokenizer:
         models.check_tokenizers_agree({"student": cfg.models.student, "generator": cfg.models.generator}, tokenizer)
+    models.check_input_length(loaded, cfg.data.max_length)
     return RunModels(teacher, student, generator, teacher_is_finetuned=finetuned, generator_is_warm=warm)
+
+
+# Each model's random initialisation (a builtin model, or the new head of a pretrained encoder)
+# comes from (seed, role) alone: the same whether or not another model was loaded from disk first.
+_MODEL_SEED_OFFSETS = {"teacher": 101, "student": 202, "generator": 303}
+
+
+@contextlib.contextmanager
+def _model_seed(cfg: RunConfig, role: str):
+    state = torch.get_rng_state()
+    torch.manual_seed((cfg.train.seed * 1_000_003 + _MODEL_SEED_OFFSETS[role]) % (1 << 31))
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
 
 
 def _check_one_global_batch(cfg: RunConfig, train_size: int) -> None:
@@ -119,3 +143,19 @@ def _check_one_global_batch(cfg: RunConfig, train_size: int) -> None:
             f"the training set has {train_size} examples, fewer than one global micro-batch "
             f"({world} ranks x train.micro_batch_size {cfg.train.micro_batch_size})"
         )
+
+
+def estimated_output_bytes(inputs: RunInputs) -> int:
+    """About what a run writes at most: its checkpoints (weights, fp32 master copy and two Adam
+    moments per trained parameter, keep_checkpoints + 1 of them while a new one is written) and
+    its exports."""
+    def numel(model) -> int:
+        return param_numel(model) if model is not None else 0
+
+    cfg, m = inputs.cfg, inputs.models
+    student = numel(m.student) or numel(m.teacher)  # cut from the teacher: at most its size
+    kept = cfg.output.keep_checkpoints + 1
+    student_phase = 16 * (student + numel(m.generator)) * kept
+    teacher_phase = 16 * numel(m.teacher) * kept if cfg.models.teacher_finetune_epochs > 0 else 0
+    exports = 4 * (2 * student + numel(m.teacher) + numel(m.generator))
+    return student_phase + teacher_phase + exports

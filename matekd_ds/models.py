@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -61,13 +62,28 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _pretrained(loader: Callable, role: str, spec: str, **kwargs) -> nn.Module:
+    """`loader(spec)`, any failure (missing files, a truncated or corrupt weight file, a config
+    transformers cannot read) as one line naming the role and the path."""
     if _looks_like_path(spec) and not Path(spec).expanduser().exists():
         raise MatekdError(f"could not load the {role} from '{spec}': no such file or directory")
     try:
         return loader(spec, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MatekdError(f"could not load the {role} from '{spec}': {first}") from None
+    except MatekdError:
+        raise
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, RuntimeError...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        kind = "" if isinstance(err, (OSError, ValueError, KeyError)) else f"{type(err).__name__}: "
+        raise MatekdError(f"could not load the {role} from '{spec}': {kind}{first or type(err).__name__}") from None
+
+
+def check_label_count(role: str, spec: str, num_labels: int) -> None:
+    """A checkpoint that already is a sequence classifier must have the task's number of labels
+    (one fine-tuned on another task would load with a re-initialised head, or not at all)."""
+    config = _pretrained(AutoConfig.from_pretrained, role, spec)
+    is_classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if is_classifier and config.num_labels != num_labels:
+        raise MatekdError(f"the {role} '{spec}' is a classifier with {config.num_labels} labels, "
+                          f"but the task has {num_labels}")
 
 
 def load_classifier(role: str, spec: str, num_labels: int, tokenizer, regression: bool) -> nn.Module:
@@ -77,11 +93,11 @@ def load_classifier(role: str, spec: str, num_labels: int, tokenizer, regression
         config = builtin_config(spec, len(tokenizer), tokenizer.pad_token_id)
         config.num_labels, config.problem_type = num_labels, problem
         return AutoModelForSequenceClassification.from_config(config)
-    model = _pretrained(
+    check_label_count(role, spec, num_labels)
+    return _pretrained(
         AutoModelForSequenceClassification.from_pretrained, role, spec,
         num_labels=num_labels, problem_type=problem,
     )
-    return model
 
 
 def load_generator(spec: str, tokenizer) -> nn.Module:
@@ -128,13 +144,45 @@ def check_tokenizers_agree(specs: dict[str, str], tokenizer) -> None:
             raise MatekdError(f"vocabulary mismatch: the {role} '{spec}' has a different tokenizer vocabulary")
 
 
+# Models whose position ids start after the padding index (RoBERTa's convention): pad_id + 1
+# of their position embeddings are never used for tokens.
+_POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod",
+                            "roberta-prelayernorm", "bart", "mbart")
+
+
+def max_input_length(config) -> int | None:
+    """The longest input a model's position embeddings cover, or None when it has no absolute
+    positions (DeBERTa-v2 with relative attention only)."""
+    if getattr(config, "position_biased_input", True) is False:
+        return None
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if getattr(config, "model_type", "") in _POSITIONS_AFTER_PADDING:
+        positions -= (getattr(config, "pad_token_id", 1) or 0) + 1
+    return positions
+
+
+def check_input_length(models: dict[str, nn.Module], max_length: int) -> None:
+    for role, model in models.items():
+        limit = max_input_length(model.config)
+        if limit is not None and max_length > limit:
+            raise MatekdError(f"data.max_length {max_length} is longer than the {role}'s position embeddings "
+                              f"allow ({limit} tokens); set data.max_length <= {limit}")
+
+
+def check_student_layers(teacher_config, layers: list[int]) -> None:
+    n_teacher = teacher_config.num_hidden_layers
+    if not layers or any(not 0 <= i < n_teacher for i in layers):
+        raise MatekdError(f"models.student_init_from_teacher_layers must pick layers in 0..{n_teacher - 1} "
+                          f"(the teacher has {n_teacher}), got {layers}")
+
+
 def init_student_from_teacher(teacher: nn.Module, layers: list[int],
                               state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """DistilBERT-style: a student with the teacher's embeddings, head and the chosen layers.
     `state_dict`: the teacher's full weights when its module holds only ZeRO-3 partitions."""
-    n_teacher = teacher.config.num_hidden_layers
-    if not layers or any(not 0 <= i < n_teacher for i in layers):
-        raise MatekdError(f"models.student_init_from_teacher_layers must pick layers in 0..{n_teacher - 1}, got {layers}")
+    check_student_layers(teacher.config, layers)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(layers)
     student = AutoModelForSequenceClassification.from_config(config)

@@ -51,7 +51,7 @@ class PhaseContext:
                 on_best: Callable[[], None] | None = None) -> Trainer:
         cfg = self.inputs.cfg
         return Trainer(method, self.inputs.train, self.inputs.pad_id, device,
-                       LoopConfig.of_run(cfg, phase, total_steps), evaluator,
+                       LoopConfig.of_run(cfg, phase, total_steps, self.inputs.dtype), evaluator,
                        Checkpointer(self.run.checkpoints(phase), cfg.output.keep_checkpoints), self.monitor, on_best)
 
     def dev_evaluator(self, model: torch.nn.Module, device: torch.device) -> DevEvaluator:

@@ -1,14 +1,16 @@
 """A whole run, in order (`matekd train`; every rank runs it):
 
   1. inputs    load and check everything the run reads          inputs.prepare_inputs
-  2. run dir   check it, start the process group, open it       run_dir.RunDir
+  2. run dir   check it, start the process group, lock, open    run_dir.RunDir
   3. teacher   fine-tune (if asked), freeze, score              phases.teacher_phase
   4. generator MLM warm-up (if asked)                           phases.generator_warmup_phase
   5. student   ft / kd / matekd, export                         phases.student_phase
   6. metrics.json, assembled here from what the phases returned
 
-Bad input stops at step 1 with one line, before DeepSpeed starts and before the run directory
-exists. metrics.json is written after every phase, so an interrupted run records how far it got.
+Bad input stops at step 1 or 2 with one line, before DeepSpeed starts and before anything is
+written. metrics.json is written after every phase, so a run that ends early records how far it
+got and why: "interrupted" (a stop signal, Ctrl-C), "diverged" (a non-finite loss, gradient or
+parameter: the last checkpoint is the last finite one), or "failed" (any other error, a full disk).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from matekd_ds import distributed
+from matekd_ds import distributed, faults, signals
 from matekd_ds.config import RunConfig
 from matekd_ds.engines import RunEngines
-from matekd_ds.inputs import prepare_inputs
+from matekd_ds.health import Diverged
+from matekd_ds.inputs import estimated_output_bytes, prepare_inputs
+from matekd_ds.kernels import backend_info
 from matekd_ds.monitor import Monitor, log, setup_logging
 from matekd_ds.phases import (
     GeneratorOutcome, PhaseContext, StudentOutcome, TeacherOutcome, generator_warmup_phase, student_phase,
@@ -35,16 +39,22 @@ def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = Fa
     """Train as `cfg` says; returns what it wrote to metrics.json. `generator_only` (`matekd
     warmup-generator`) stops after the generator's MLM warm-up: one warmed generator, exported
     to <run>/generator_warm, can then serve many MATE-KD runs (models.generator=that path)."""
+    signals.install()
     setup_logging(None)
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
     started = time.time()
-    torch.manual_seed(cfg.train.seed)  # the same random init on every rank
-    inputs = prepare_inputs(cfg, resume)
     run = RunDir(cfg.output.dir)
     run.check(cfg, resume)
+    inputs = prepare_inputs(cfg, resume)
+    if not resume:
+        run.check_space(estimated_output_bytes(inputs))
+    faults.at("loaded")
+    signals.stop_here("before the run started (nothing was written)", collective=False)
     distributed.init()  # after every input check: bad input exits before any rank waits on another
-    torch.manual_seed(cfg.train.seed + distributed.rank())  # per-rank dropout
+    torch.manual_seed(cfg.train.seed + distributed.rank())  # per-rank dropout (each phase reseeds too)
+    run.lock()
     run.open(cfg, resume, inputs.tokenizer)
+    faults.at("opened")
     setup_logging(run.logs / "train.log")
     previous = run.read_metrics() if resume else {}
     monitor = Monitor(run.logs, cfg.logging.csv, cfg.logging.tensorboard)
@@ -53,25 +63,31 @@ def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = Fa
 
     spec = inputs.data.spec
     metrics: dict[str, Any] = {"status": "running", "task": spec.name, "method": cfg.method,
-                               "metric": spec.main_metric, "world_size": distributed.world_size(), "dtype": inputs.dtype}
+                               "metric": spec.main_metric, "world_size": distributed.world_size(), "dtype": inputs.dtype,
+                               "kernels": backend_info()}  # which Triton (or torch) kernels ran
     run.write_metrics(metrics)
     log.info(f"task {spec.name}: {len(inputs.train)} train examples, "
              + ", ".join(f"{k} {len(v)}" for k, v in inputs.dev.items()) + f"; method {cfg.method}; dtype {inputs.dtype}; "
              f"{distributed.world_size()} rank(s); run directory {run.path}")
     try:
+        signals.stop_here("before the teacher phase")
         teacher = teacher_phase(ctx)
         metrics.update(teacher_metrics(teacher))
         run.write_metrics(metrics)
+        faults.at("teacher")
+        signals.stop_here("after the teacher phase")
         generator = generator_warmup_phase(ctx)
         metrics.update(generator_metrics(generator))
+        run.write_metrics(metrics)
         if generator_only:
             metrics.update(status="completed", wall_seconds=time.time() - started)
             run.write_metrics(metrics)
             return metrics
-        run.write_metrics(metrics)
+        faults.at("warmup")
+        signals.stop_here("after the generator warm-up")
         student = student_phase(ctx, teacher.teacher, generator.generator)
     except BaseException as err:  # the checkpoints stay; say why the run ended, then re-raise
-        run.write_metrics(dict(metrics, status="interrupted", reason=f"{type(err).__name__}: {err}"))
+        record_end(run, metrics, err)
         raise
     finally:
         monitor.close()
@@ -84,6 +100,23 @@ def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = Fa
 
 # ---------------------------------------------------------------------------------------------
 # metrics.json, from what the phases returned
+
+
+def end_status(err: BaseException) -> str:
+    if isinstance(err, (signals.StopRequested, KeyboardInterrupt)):
+        return "interrupted"
+    if isinstance(err, Diverged):
+        return "diverged"
+    return "failed"
+
+
+def record_end(run: RunDir, metrics: dict[str, Any], err: BaseException) -> None:
+    """metrics.json says how and why the run ended early. Best effort: on a full or read-only
+    disk this write fails too, and the original error is the one to report."""
+    try:
+        run.write_metrics(dict(metrics, status=end_status(err), reason=f"{type(err).__name__}: {err}"))
+    except OSError:
+        pass
 
 
 def teacher_metrics(outcome: TeacherOutcome) -> dict[str, Any]:

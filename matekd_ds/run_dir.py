@@ -13,9 +13,11 @@ the experiment runner and the quality scripts.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,14 @@ from typing import Any
 import torch
 
 from matekd_ds import distributed
-from matekd_ds.checkpoint import write_atomic
-from matekd_ds.config import RunConfig, dump_config, read_config_file
+from matekd_ds.checkpoint import fsync_path, write_atomic
+from matekd_ds.config import RunConfig, config_from_dict, dump_config, read_config_file
 from matekd_ds.errors import MatekdError
 from matekd_ds.partition import gathered_state_dict, is_partitioned
 
 # Keys whose change makes a checkpoint meaningless: a resume must keep them.
 RESUME_LOCKED = ("task", "method", "models", "data")
+LOCK = ".lock"  # held (flock) by the process that runs in the directory, for the life of the run
 
 
 def export_model(module: torch.nn.Module, tokenizer, path: Path) -> None:
@@ -40,11 +43,17 @@ def export_model(module: torch.nn.Module, tokenizer, path: Path) -> None:
         return
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if state is not None:
-        module.save_pretrained(tmp, state_dict=state)
-    else:
-        module.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        if state is not None:
+            module.save_pretrained(tmp, state_dict=state)
+        else:
+            module.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for file in tmp.iterdir():
+            fsync_path(file)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves no half-written folder
+        raise
     if path.exists():
         old = path.with_name(path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -58,6 +67,7 @@ def export_model(module: torch.nn.Module, tokenizer, path: Path) -> None:
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock_fd: int | None = None
 
     # -- where things are
 
@@ -115,12 +125,23 @@ class RunDir:
     def export(self, name: str, module: torch.nn.Module, tokenizer) -> None:
         export_model(module, tokenizer, self.model_dir(name))
 
+    def _holds_files(self) -> bool:
+        return self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
+
     def check(self, cfg: RunConfig, resume: bool) -> None:
-        """Before anything is written: every rank checks, before the ranks rendezvous."""
-        if not (self.path.exists() and any(self.path.iterdir())):
+        """Before anything is read or written: the path, --resume, and what is already there.
+        Every rank checks, before the ranks rendezvous."""
+        if self.path.exists() and not self.path.is_dir():
+            raise MatekdError(f"output.dir {self.path} is a file, not a directory")
+        _check_writable(self.path)
+        if resume and not self.config_file.is_file():
+            raise MatekdError(f"--resume: nothing to resume in {self.path} (no config.yaml); "
+                              "start the run without --resume (or use --auto-resume)")
+        if not self._holds_files():
             return
-        if resume and self.config_file.is_file():
-            saved = self.read_config()
+        if resume:
+            # the saved config with today's defaults for keys added since it was written
+            saved = config_from_dict(self.read_config()).to_dict()
             current = cfg.to_dict()
             for key in RESUME_LOCKED:
                 if saved.get(key) != current[key]:
@@ -132,18 +153,70 @@ class RunDir:
                 "or output.overwrite=true to move it aside"
             )
 
+    def check_space(self, needed_bytes: int) -> None:
+        """A fresh run's checkpoints and exports must fit on the output filesystem."""
+        where = _existing_ancestor(self.path)
+        free = shutil.disk_usage(where).free
+        if free < needed_bytes:
+            raise MatekdError(f"output.dir {self.path}: its filesystem has {free / 2**20:.0f} MiB free, the run needs "
+                              f"about {needed_bytes / 2**20:.0f} MiB for its checkpoints and exports")
+
+    def lock(self) -> None:
+        """Take the run directory for this run (rank 0 holds an flock until the process exits).
+        A directory in use by a live run is refused with its holder's PID and host; a lock left
+        by a dead process is free again (the kernel drops an flock with its holder). Collective."""
+        problem = self._try_lock() if distributed.is_main() else None
+        problem = distributed.gather_objects(problem)[0]
+        if problem:
+            raise MatekdError(problem)
+
+    def _try_lock(self) -> str | None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            return f"output.dir {self.path} is in use by a running matekd ({holder}); wait for it or choose another output.dir"
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+        os.fsync(fd)
+        self._lock_fd = fd
+        return None
+
     def open(self, cfg: RunConfig, resume: bool, tokenizer) -> None:
         """Create (or, resuming, reuse) the directory; write config.yaml and the tokenizer.
-        Collective: call after distributed.init()."""
+        Collective: call after lock()."""
         if distributed.is_main():
-            fresh = not (resume and self.config_file.is_file())
-            if fresh and self.path.exists() and any(self.path.iterdir()):
-                # output.overwrite: never delete a user's trained model; move the old run aside.
+            if not resume and self._holds_files():
+                # output.overwrite: never delete a user's trained model; move the old run aside
+                # (with its lock, which this process holds), and lock the new directory.
                 aside = self.path.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
                 self.path.rename(aside)
                 print(f"[matekd] moved the previous run aside to {aside}")
+                held, self._lock_fd = self._lock_fd, None
+                problem = self._try_lock()
+                if held is not None:
+                    os.close(held)
+                if problem:
+                    raise MatekdError(problem)
             self.logs.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.config_file)
             if not self.tokenizer_dir.exists():
                 tokenizer.save_pretrained(self.tokenizer_dir)
         distributed.barrier()
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _check_writable(path: Path) -> None:
+    """The output directory (or the folder it will be made in) must be writable."""
+    where = _existing_ancestor(path)
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise MatekdError(f"output.dir {path}: {where} is not writable")

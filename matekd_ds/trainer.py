@@ -4,8 +4,7 @@ checkpoints, resumable at any step."""
 
 from __future__ import annotations
 
-import os
-import signal
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,16 +13,17 @@ from typing import Any, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from matekd_ds import distributed
+import numpy as np
+
+from matekd_ds import distributed, faults, signals
 from matekd_ds.checkpoint import Checkpointer
 from matekd_ds.config import RunConfig
 from matekd_ds.data.batching import Encoded, TrainStream, collate, to_device
 from matekd_ds.evaluation import main_score
+from matekd_ds.health import Diverged, TrainingHealth
 from matekd_ds.methods.base import Method
 from matekd_ds.monitor import Monitor, log
 
-# Fault injection for the crash/resume tests: raise after this many steps of a phase.
-CRASH_ENV = "MATEKD_CRASH_AFTER_STEP"
 # Each phase draws its own masks and noise (the student phase's offset is 7_919).
 PHASE_SEED_OFFSETS = {"teacher": 0, "student": 7_919, "generator_warmup": 104_723}
 
@@ -39,14 +39,22 @@ class LoopConfig:
     checkpoint_every: int
     log_every: int
     progress: bool
+    # Checkpoint before the first step, so that a crash at any later moment resumes this phase
+    # from a checkpoint rather than rebuilding it (the student phase).
+    checkpoint_at_start: bool = False
+    allow_overflow_skips: bool = False  # fp16: DeepSpeed's loss scaler may skip steps
+    max_overflow_skips: int = 50
+    group_by_length: bool = False  # data.group_by_length: batches of similar token counts
 
     @classmethod
-    def of_run(cls, cfg: RunConfig, phase: str, total_steps: int) -> "LoopConfig":
+    def of_run(cls, cfg: RunConfig, phase: str, total_steps: int, dtype: str) -> "LoopConfig":
         return cls(
             phase=phase, total_steps=total_steps, micro_batch=cfg.train.micro_batch_size,
             grad_accum=cfg.train.gradient_accumulation_steps, seed=cfg.train.seed,
             eval_every=cfg.eval.every_steps, checkpoint_every=cfg.output.checkpoint_every,
             log_every=cfg.logging.log_every, progress=cfg.logging.progress,
+            checkpoint_at_start=phase == "student", allow_overflow_skips=dtype == "fp16",
+            max_overflow_skips=cfg.train.max_overflow_skips, group_by_length=cfg.data.group_by_length,
         )
 
 
@@ -58,10 +66,6 @@ class LoopState:
     train_seconds: float = 0.0
     samples: int = 0
     tokens: int = 0
-
-
-class StopRequested(Exception):
-    """SIGTERM/SIGINT arrived: a checkpoint was written and the run can be resumed."""
 
 
 class Evaluator(Protocol):
@@ -83,9 +87,10 @@ class Trainer:
         self.train_data, self.pad_id, self.device = train, pad_id, device
         self.loop, self.checkpointer, self.monitor, self.on_best = loop, checkpointer, monitor, on_best
         self.world, self.rank = distributed.world_size(), distributed.rank()
-        self.stream = TrainStream(len(train), loop.micro_batch, self.rank, self.world, loop.seed)
+        self.stream = TrainStream.over(train, loop.micro_batch, self.rank, self.world, loop.seed,
+                                       group_by_length=loop.group_by_length)
         self.state = LoopState()
-        self._stop_signal = False
+        self.health = TrainingHealth(loop.allow_overflow_skips, loop.max_overflow_skips)
 
     # -- seeds: a pure function of (seed, phase, step, micro-batch, rank), so a resumed run
     #    draws the same masks and Gumbel noise as an uninterrupted one.
@@ -96,24 +101,38 @@ class Trainer:
             for micro in range(self.loop.grad_accum)
         ]
 
+    def seed_phase(self) -> None:
+        """Dropout and every other draw of this phase start from (seed, phase, rank) alone, so a
+        phase runs the same whether earlier phases ran in this process or were resumed."""
+        phase_seed = (self.loop.seed * 1_000_003 + PHASE_SEED_OFFSETS.get(self.loop.phase, 7_919)
+                      + self.rank * 15_485_863) % (1 << 31)
+        torch.manual_seed(phase_seed)
+        np.random.seed(phase_seed)
+        random.seed(phase_seed)
+
     def fit(self, resume: bool) -> LoopState:
-        if resume:
-            self._restore()
+        """Train to `loop.total_steps`; with `resume`, from this phase's newest verified
+        checkpoint (if it has one). Raises Diverged, StopRequested or the error that ended it."""
+        signals.install()
+        self.seed_phase()
+        restored = self._restore() if resume else False
+        if self.loop.checkpoint_at_start and not restored and self.state.step == 0:
+            self.save()
         batches = self.stream.batches(start=self.state.step * self.loop.grad_accum)
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         bar = tqdm(total=self.loop.total_steps, initial=self.state.step, desc=self.loop.phase,
                    disable=not (self.loop.progress and distributed.is_main()), dynamic_ncols=True)
         try:
             self._run(batches, bar)
+        except Diverged as err:
+            tag = self.checkpointer.latest_tag()
+            where = f"{self.checkpointer.root}/{tag}" if tag else "none (it diverged before the first one)"
+            raise Diverged(err.step, f"{err}; the last finite checkpoint: {where}") from None
         finally:
             bar.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
         return self.state
 
     def _run(self, batches, bar) -> None:
         window: dict[str, list] = {}  # scalar name -> [sum, count]
-        crash_at = int(os.environ.get(CRASH_ENV, "0"))
         while self.state.step < self.loop.total_steps:
             step = self.state.step
             started = time.perf_counter()
@@ -126,6 +145,8 @@ class Trainer:
             self.state.tokens += int(sum(b["attention_mask"].sum() for b in cpu_batches)) * self.world
             # MATE-KD logs per engine ("generator/gen_div", "student/loss"); others under their phase.
             prefix = self.method.phase(step)
+            self.health.after_step(step + 1, prefix, losses, self.method.engines)
+            faults.poison_after_step(self.loop.phase, step + 1, self.method.engines, prefix)
             for key, value in losses.items():
                 entry = window.setdefault(f"{prefix}/{key}", [0.0, 0])
                 entry[0], entry[1] = entry[0] + value, entry[1] + 1
@@ -138,27 +159,33 @@ class Trainer:
                 self.run_evaluation()
             if (self.loop.checkpoint_every and self.state.step % self.loop.checkpoint_every == 0) or last:
                 self.save()
-            if crash_at and self.state.step == crash_at:
-                raise RuntimeError(f"{CRASH_ENV}={crash_at}: simulated crash")
+            faults.crash_after_step(self.loop.phase, self.state.step)
             if self._should_stop():
                 self.save()
-                raise StopRequested(f"stopped at step {self.state.step}; continue with --resume")
+                raise signals.StopRequested(f"stopped at step {self.state.step} of the {self.loop.phase} phase; "
+                                            "continue with --resume")
 
     def _should_stop(self) -> bool:
         """Every rank must stop at the same step: agree on it at logging steps (a collective)."""
         if self.world == 1:
-            return self._stop_signal
-        return self.state.step % self.loop.log_every == 0 and distributed.any_rank(self._stop_signal)
+            return signals.requested()
+        return self.state.step % self.loop.log_every == 0 and signals.agreed()
 
-    def _request_stop(self, signum, frame) -> None:
-        if self._stop_signal:  # second signal: give up at once
-            raise KeyboardInterrupt
-        self._stop_signal = True
-        log.warning("stop requested: saving a checkpoint at the next step boundary")
+    def _agree_on_health(self, check) -> None:
+        """Run a health check on every rank and raise the same Diverged everywhere."""
+        try:
+            check()
+            problem = None
+        except Diverged as err:
+            problem = (err.step, str(err))
+        problems = sorted(p for p in distributed.gather_objects(problem) if p)
+        if problems:
+            raise Diverged(*problems[0])
 
     def _log_window(self, window: dict[str, list], bar) -> None:
         # .item() happens here, once per window, not once per step. Several ranks: the mean over
         # ranks, i.e. the loss of the global batch (every rank logs at the same steps).
+        self._agree_on_health(self.health.check)
         names = sorted(window)
         means = distributed.mean_over_ranks([window[name][0] for name in names])
         scalars = {name: total / window[name][1] for name, total in zip(names, means)}
@@ -185,6 +212,7 @@ class Trainer:
         if improved:
             self.state.best = record
             if self.on_best is not None:
+                self._check_finite()  # an export never holds NaN or inf
                 self.on_best()
         flat = {f"{self.loop.phase}_eval/{split}_{name}": value
                 for split, metrics in results.items() for name, value in metrics.items()}
@@ -193,7 +221,14 @@ class Trainer:
         log.info(f"[{self.loop.phase}] step {self.state.step}/{self.loop.total_steps}: {summary}{' (best)' if improved else ''}")
         return record
 
+    def _check_finite(self) -> None:
+        """Losses and gradients since the last check, and every parameter, are finite."""
+        self._agree_on_health(self.health.check)
+        self._agree_on_health(lambda: self.health.check_parameters(self.state.step, self.method.engines))
+
     def save(self) -> None:
+        """Checkpoint, unless training has diverged: the last checkpoint stays the last finite one."""
+        self._check_finite()
         self.checkpointer.save(self.method.engines, self.state.step, self._state_dict())
 
     def _state_dict(self) -> dict[str, Any]:
@@ -203,10 +238,11 @@ class Trainer:
             "world_size": self.world, "grad_accum": self.loop.grad_accum, "micro_batch": self.loop.micro_batch,
         }
 
-    def _restore(self) -> None:
+    def _restore(self) -> bool:
         saved = self.checkpointer.load(self.method.engines)
         if saved is None:
-            return
+            log.info(f"[{self.loop.phase}] no checkpoint of this phase yet: starting it from the beginning")
+            return False
         if saved["micro_batch"] * saved["world_size"] != self.loop.micro_batch * self.world:
             log.warning("resuming with a different global micro-batch: the data position is approximate")
         self.state = LoopState(
@@ -214,3 +250,4 @@ class Trainer:
             train_seconds=saved["train_seconds"], samples=saved["samples"], tokens=saved["tokens"],
         )
         log.info(f"[{self.loop.phase}] resumed at step {self.state.step}")
+        return True

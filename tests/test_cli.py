@@ -24,6 +24,11 @@ def assert_one_line_error(result, fragment):
     (["method=kd", "deepspeed.teacher=zero2"], "deepspeed.teacher: preset zero2 has ZeRO stage 2"),
     (["models.teacher=/no/such/teacher"], "could not load the teacher from '/no/such/teacher'"),
     (["--config", "/no/such/run.yaml"], "config file not found"),
+    (["train.lr=.inf"], "'train.lr' must be a finite number"),
+    (["matekd.generator_lr=.nan"], "'matekd.generator_lr' must be a finite number"),
+    (["train.lr=1e10"], "train.lr must be in (0, 1.0]"),
+    (["data.max_length=600"], "data.max_length 600 is longer than the teacher's position embeddings allow (512"),
+    (["models.student_init_from_teacher_layers=[0,9]"], "must pick layers in 0..3 (the teacher has 4)"),
 ])
 def test_bad_input(tmp_path, args, fragment):
     out = tmp_path / "run"
@@ -64,3 +69,65 @@ def test_existing_output_dir_is_never_overwritten_silently(tmp_path):
 def test_eval_of_a_non_run_directory_needs_a_task(tmp_path):
     result = run_cli(["eval", str(tmp_path)], cwd=REPO)
     assert_one_line_error(result, "not a run directory")
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    out = tmp_path / "run"
+    out.write_text("not a directory")
+    assert_one_line_error(run_cli(["train", f"output.dir={out}"], cwd=tmp_path), "is a file, not a directory")
+    assert out.read_text() == "not a directory"
+
+
+@pytest.fixture(scope="module")
+def six_label_teacher(tmp_path_factory):
+    """A saved classifier with 6 labels and its tokenizer (the synthetic task has 2)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from matekd_ds.data import synthetic
+    from matekd_ds.data.tokenizer import train_wordpiece
+
+    folder = tmp_path_factory.mktemp("teacher6") / "teacher"
+    tokenizer = train_wordpiece([t for ex in synthetic.generate(200, seed=3) for t in ex.texts], 400)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=6)
+                                  ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_teacher_with_the_wrong_number_of_labels(tmp_path, six_label_teacher):
+    out = tmp_path / "run"
+    result = run_cli(["train", "method=kd", f"models.teacher={six_label_teacher}", f"output.dir={out}"], cwd=tmp_path)
+    assert_one_line_error(result, "is a classifier with 6 labels, but the task has 2")
+    assert not out.exists()
+
+
+def test_a_truncated_weight_file(tmp_path, six_label_teacher):
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(six_label_teacher, teacher)
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    config = json.loads((teacher / "config.json").read_text())
+    config["id2label"] = {"0": "negative", "1": "positive"}  # the label check passes; the weights cannot load
+    (teacher / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    result = run_cli(["train", "method=kd", f"models.teacher={teacher}", f"output.dir={out}"], cwd=tmp_path)
+    assert_one_line_error(result, f"could not load the teacher from '{teacher}'")
+    assert not out.exists()
+
+
+def test_unwritable_output_filesystem(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes to read-only directories")
+    parent = tmp_path / "readonly"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        result = run_cli(["train", f"output.dir={parent / 'run'}"], cwd=tmp_path)
+    finally:
+        parent.chmod(0o755)
+    assert_one_line_error(result, "is not writable")

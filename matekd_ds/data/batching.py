@@ -75,16 +75,41 @@ class TrainStream:
     global micro-batches of world_size x micro_batch examples; rank r takes slice r of each.
     The tail that does not fill a global micro-batch is dropped, so every rank sees the same
     number of batches. Position = micro-batches consumed so far, all a resume needs.
+
+    With `lengths` (one per example: data.group_by_length) the epoch keeps the same examples,
+    grouped by length: they are sorted by length (equal lengths stay in permutation order) and cut
+    into global micro-batches, whose order is then shuffled, seeded by seed + epoch as well. A
+    batch padded to its longest sequence is then almost all real tokens; the number of batches,
+    the examples of each epoch, the ranks' shares and the resume position are as without it.
     """
 
-    def __init__(self, size: int, micro_batch: int, rank: int, world_size: int, seed: int):
+    def __init__(self, size: int, micro_batch: int, rank: int, world_size: int, seed: int,
+                 lengths: Sequence[int] | None = None):
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} examples")
         self.size, self.micro_batch, self.rank, self.world = size, micro_batch, rank, world_size
         self.seed = seed
+        self.lengths = None if lengths is None else torch.as_tensor(lengths, dtype=torch.long)
         self.batches_per_epoch = size // (micro_batch * world_size)
+
+    @classmethod
+    def over(cls, data: Encoded, micro_batch: int, rank: int, world_size: int, seed: int,
+             group_by_length: bool = False) -> "TrainStream":
+        """The stream over a training set; `group_by_length` groups its batches by token count."""
+        lengths = [len(ids) for ids in data.input_ids] if group_by_length else None
+        return cls(len(data), micro_batch, rank, world_size, seed, lengths)
 
     def _epoch_order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.size, generator=g)
+        order = torch.randperm(self.size, generator=g)
+        return order if self.lengths is None else self._grouped_by_length(order, g)
+
+    def _grouped_by_length(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        global_batch = self.micro_batch * self.world
+        kept = order[: self.batches_per_epoch * global_batch]  # the examples this epoch covers ungrouped
+        by_length = kept[torch.sort(self.lengths[kept], stable=True).indices]
+        batches = by_length.view(self.batches_per_epoch, global_batch)
+        return batches[torch.randperm(self.batches_per_epoch, generator=g)].flatten()
 
     def batches(self, start: int = 0) -> Iterator[list[int]]:
         position = start

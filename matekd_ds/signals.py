@@ -1,0 +1,56 @@
+"""SIGTERM and SIGINT, from start-up to exit: a stop request honoured at the next safe point.
+
+A job scheduler preempting the run sends SIGTERM (a user, Ctrl-C). The first signal only sets a
+flag: the training loop checkpoints at its next step boundary and exits; between phases the run
+exits before starting the next one. Either way metrics.json says "interrupted" and `--resume`
+continues. A second signal gives up at once (KeyboardInterrupt).
+"""
+
+from __future__ import annotations
+
+import signal
+
+from matekd_ds import distributed
+from matekd_ds.monitor import log
+
+EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect of a job that stopped on request
+_requested = False
+_installed = False
+
+
+class StopRequested(Exception):
+    """A stop signal arrived; whatever could be saved was saved, and the run can be resumed."""
+
+
+def install() -> None:
+    """Handle SIGTERM/SIGINT from now on (idempotent)."""
+    global _installed
+    if not _installed:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _on_signal)
+        _installed = True
+
+
+def _on_signal(signum, frame) -> None:
+    global _requested
+    if _requested:  # second signal: give up at once
+        raise KeyboardInterrupt
+    _requested = True
+    log.warning(f"{signal.Signals(signum).name} received: stopping at the next safe point")
+
+
+def requested() -> bool:
+    return _requested
+
+
+def agreed(collective: bool = True) -> bool:
+    """Whether any rank was asked to stop. `collective`: every rank calls it at the same point."""
+    if collective and distributed.world_size() > 1:
+        return distributed.any_rank(_requested)
+    return _requested
+
+
+def stop_here(where: str, collective: bool = True) -> None:
+    """Raise StopRequested if a stop was requested (on any rank)."""
+    if agreed(collective):
+        raise StopRequested(f"stopped {where}; continue with --resume")

@@ -1,0 +1,26 @@
+"""RunEngines: every engine of a run from the run config."""
+
+from __future__ import annotations
+
+from helpers import ds_config, tiny_tokenizer
+
+from matekd_ds import distributed, models
+from matekd_ds.config import config_from_dict
+from matekd_ds.engines import RunEngines
+
+
+def test_trained_engines_train_with_dropout_even_from_a_pretrained_checkpoint(tmp_path):
+    """from_pretrained returns a model in eval mode and DeepSpeed keeps that mode: a student or
+    generator loaded from a checkpoint would train with dropout off."""
+    distributed.init()
+    tokenizer, _ = tiny_tokenizer()
+    models.load_classifier("student", "builtin:bert-L1-H32-A2", 2, tokenizer, False).save_pretrained(tmp_path / "s")
+    models.load_generator("builtin:bert-L1-H32-A2", tokenizer).save_pretrained(tmp_path / "g")
+    student = models.load_classifier("student", str(tmp_path / "s"), 2, tokenizer, False)
+    generator = models.load_generator(str(tmp_path / "g"), tokenizer)
+    assert not student.training and not generator.training  # what transformers hands back
+    cfg = config_from_dict({"train": {"max_steps": 22, "micro_batch_size": 6}})
+    engines = RunEngines(cfg, {"student": ds_config(0), "generator": ds_config(0)}, "fp32", batches_per_epoch=10)
+    assert engines.student_phase_steps == 22 and engines.student_optimizer_steps == 12  # 10 generator steps first
+    assert engines.student(student).module.training
+    assert engines.generator(generator).module.training
