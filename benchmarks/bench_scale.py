@@ -52,15 +52,17 @@ from harness import RESULTS, apply_overrides, device_slug, provenance, pyplot, r
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "models": {"vocab_size": 8000, "teacher": [4, 256, 4, 1024], "student": [2, 128, 2, 512],
-                   "generator": [2, 128, 2, 512]},  # layers, hidden, heads, ffn
+                   "generator": [2, 128, 2, 512],  # layers, hidden, heads, ffn
+                   "load_teacher": [8, 1024, 16, 4096]},  # 108M parameters, 433 MB in fp32
         "train": {"micro_batch_size": 8, "seq_len": 64, "dtype": "fp32", "lr": 1e-4, "clip": 5.0},
-        "bench": {"cycles": 2, "worlds": [1, 2], "stages": [0, 1, 2, 3], "threads": 1},
+        "bench": {"cycles": 2, "worlds": [1, 2], "stages": [0, 1, 2, 3], "threads": 1, "shard_mb": 100},
     },
     "gpu": {
         "models": {"vocab_size": 50265, "teacher": [24, 1024, 16, 4096], "student": [6, 768, 12, 3072],
-                   "generator": [6, 768, 12, 3072]},  # roberta-large teacher, distilroberta-size student
+                   "generator": [6, 768, 12, 3072],  # roberta-large teacher, distilroberta-size student
+                   "load_teacher": [48, 1536, 16, 6144]},  # 1.4B parameters
         "train": {"micro_batch_size": 32, "seq_len": 128, "dtype": "bf16", "lr": 2e-5, "clip": 5.0},
-        "bench": {"cycles": 3, "worlds": [1, 2, 4, 8], "stages": [0, 1, 2, 3], "threads": 0},
+        "bench": {"cycles": 3, "worlds": [1, 2, 4, 8], "stages": [0, 1, 2, 3], "threads": 0, "shard_mb": 2000},
     },
 }
 SPECIAL = {"pad": 0, "cls": 1, "sep": 2, "mask": 3}
@@ -137,21 +139,81 @@ def optimizer_bytes(engine) -> int:
     return _storage_bytes(tensors)
 
 
-def build_models(config: dict) -> dict:
-    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+def bert_config(config: dict, shape):
+    from transformers import BertConfig
 
-    m = config["models"]
+    layers, hidden, heads, ffn = shape
+    return BertConfig(vocab_size=config["models"]["vocab_size"], hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=ffn, pad_token_id=SPECIAL["pad"],
+                      max_position_embeddings=512, num_labels=2)
 
-    def bert(shape):
-        layers, hidden, heads, ffn = shape
-        return BertConfig(vocab_size=m["vocab_size"], hidden_size=hidden, num_hidden_layers=layers,
-                          num_attention_heads=heads, intermediate_size=ffn, pad_token_id=SPECIAL["pad"],
-                          max_position_embeddings=512, num_labels=2)
 
+def build_models(config: dict, zero3: dict | None = None) -> dict:
+    """Random-weight teacher, student and generator. `zero3`: role -> the ZeRO-3 config to build
+    that model straight into its partitions with (the product's path for ZeRO-3 models)."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    from matekd_ds.zero3_load import build_partitioned, init_missing
+
+    m, zero3 = config["models"], zero3 or {}
+    classes = {"teacher": AutoModelForSequenceClassification, "student": AutoModelForSequenceClassification,
+               "generator": AutoModelForMaskedLM}
     torch.manual_seed(0)  # the same weights on every rank
-    return {"teacher": BertForSequenceClassification(bert(m["teacher"])),
-            "student": BertForSequenceClassification(bert(m["student"])),
-            "generator": BertForMaskedLM(bert(m["generator"]))}
+    out = {}
+    for role, auto in classes.items():
+        factory = (lambda a=auto, r=role: a.from_config(bert_config(config, m[r])))
+        if role in zero3:
+            out[role] = build_partitioned(factory, zero3[role])
+            init_missing(out[role], [name for name, _ in out[role].named_parameters()])
+        else:
+            out[role] = factory()
+    return out
+
+
+def save_sharded_teacher(config: dict, folder: Path) -> int:
+    """The big teacher of the construction measurement, saved as several safetensors shards;
+    returns its parameter bytes."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(bert_config(config, config["models"]["load_teacher"]))
+    model.save_pretrained(folder, max_shard_size=f"{config['bench']['shard_mb']}MB")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def measure_teacher_load(config: dict, folder: Path) -> dict:
+    """Host memory of building the ZeRO-3 (teacher-inference) teacher from its sharded
+    checkpoint through the product's loader: peak RSS during construction minus RSS before."""
+    from harness import PeakMemory, rss_bytes, trim_malloc
+    from transformers import AutoModelForSequenceClassification
+
+    from matekd_ds import distributed, models
+    from matekd_ds.ds_config import finalize_teacher_ds_config, read_ds_config
+    from matekd_ds.partition import param_bytes
+
+    t = config["train"]
+    ds = finalize_teacher_ds_config(read_ds_config("teacher-inference"), micro_batch=t["micro_batch_size"],
+                                    world_size=distributed.world_size(), dtype=t["dtype"])
+    # warm-up: a tiny model of the same class through the same path, so that the code transformers
+    # and DeepSpeed import on first use (about 200 MiB here) is not counted as the teacher's
+    warm = folder.parent / "warm_up_teacher"
+    if distributed.is_main():
+        tiny = bert_config(config, [1, 32, 2, 64])
+        AutoModelForSequenceClassification.from_config(tiny).save_pretrained(warm)
+    distributed.barrier()
+    models.load_classifier("teacher", str(warm), 2, None, False, zero3_config=ds)
+    trim_malloc()
+    before = rss_bytes()
+    distributed.barrier()
+    with PeakMemory(torch.device("cpu")) as peak:
+        model = models.load_classifier("teacher", str(folder), 2, None, False, zero3_config=ds)
+    distributed.barrier()
+    held = param_bytes(model)
+    after = rss_bytes()
+    del model
+    trim_malloc()
+    return {"rss_before": before, "rss_peak_growth": peak.peak_extra, "rss_growth_after": after - before,
+            "param_rank_bytes": held["rank_bytes"], "param_full_bytes": held["full_bytes"]}
 
 
 def make_batches(config: dict, n: int, rank: int, device) -> list[dict]:
@@ -181,14 +243,23 @@ def measure_stage(config: dict, stage: int, device) -> dict:
     from matekd_ds.perturb import Perturber
     from matekd_ds.teacher import Teacher
 
+    from harness import PeakMemory, rss_bytes, trim_malloc
+
     t = config["train"]
     world, dtype = distributed.world_size(), t["dtype"]
-    models = build_models(config)
     spec = f"zero{stage}" + ("+bf16" if dtype == "bf16" else "+fp16" if dtype == "fp16" else "")
 
     def ds(clip):
         return finalize_ds_config(read_ds_config(spec), micro_batch=t["micro_batch_size"], grad_accum=1,
                                   world_size=world, clip=clip, dtype=dtype, zero_stage=None)
+
+    teacher_ds = finalize_teacher_ds_config(read_ds_config("teacher-inference"), micro_batch=t["micro_batch_size"],
+                                            world_size=world, dtype=dtype)
+    trim_malloc()
+    rss_start = rss_bytes()
+    construction = PeakMemory(torch.device("cpu")).__enter__()
+    zero3 = {"teacher": teacher_ds, "student": ds(t["clip"]), "generator": ds(t["clip"])} if stage == 3 else None
+    models = build_models(config, zero3)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -198,8 +269,7 @@ def measure_stage(config: dict, stage: int, device) -> dict:
                                                              schedule="constant"))
     teacher_engine = None
     if stage == 3:
-        teacher_engine = build_teacher_engine(models["teacher"], finalize_teacher_ds_config(
-            read_ds_config("teacher-inference"), micro_batch=t["micro_batch_size"], world_size=world, dtype=dtype))
+        teacher_engine = build_teacher_engine(models["teacher"], teacher_ds)
         teacher = teacher_engine.module
     else:
         teacher = place_frozen_teacher(models["teacher"], dtype, device)
@@ -235,20 +305,25 @@ def measure_stage(config: dict, stage: int, device) -> dict:
             step = start + i
             method.train_step([batch], step, [step * 7919 + distributed.rank()])
 
-    run_cycle(0)  # warm-up; also fills the memory figures
-    sync()
-    distributed.barrier()
-    started = time.perf_counter()
-    for c in range(config["bench"]["cycles"]):
-        run_cycle((c + 1) * cycle)
-    sync()
-    distributed.barrier()
-    seconds = time.perf_counter() - started
+    construction.__exit__(None, None, None)
+    rss_built = rss_bytes()
+    with PeakMemory(torch.device("cpu")) as training:
+        run_cycle(0)  # warm-up; also fills the memory figures
+        sync()
+        distributed.barrier()
+        started = time.perf_counter()
+        for c in range(config["bench"]["cycles"]):
+            run_cycle((c + 1) * cycle)
+        sync()
+        distributed.barrier()
+        seconds = time.perf_counter() - started
     steps = config["bench"]["cycles"] * cycle
     # what stays resident between steps (ZeRO-3: partitions plus any full copy still gathered)
     project_teacher.release()  # as after every generator step
     for role, module in (("teacher", teacher), ("student", student.module), ("generator", generator.module)):
         memory[role]["params_between_steps"] = param_bytes(module)["rank_bytes"]
+    memory["host"] = {"rss_construction_peak_growth": construction.peak_extra,
+                      "rss_training_peak_growth": rss_built - rss_start + training.peak_extra}
     out = {
         "stage": stage, "world_size": world, "memory": memory,
         "samples_per_s": steps * t["micro_batch_size"] * world / seconds, "step_seconds": seconds / steps,
@@ -256,8 +331,7 @@ def measure_stage(config: dict, stage: int, device) -> dict:
     }
     # the ZeRO-3 teacher's bytes per rank, whatever the stage of the trained engines
     if teacher_engine is None:
-        probe = build_teacher_engine(build_models(config)["teacher"], finalize_teacher_ds_config(
-            read_ds_config("teacher-inference"), micro_batch=t["micro_batch_size"], world_size=world, dtype=dtype))
+        probe = build_teacher_engine(build_models(config, {"teacher": teacher_ds})["teacher"], teacher_ds)
         out["teacher_zero3_rank_bytes"] = param_bytes(probe.module)["rank_bytes"]  # at rest: no steps here
         probe.destroy()
     else:
@@ -278,7 +352,10 @@ def worker(config: dict, out: Path) -> None:
         torch.set_num_threads(config["bench"]["threads"])
     distributed.init()
     device = distributed.device()
-    results = []
+    load = measure_teacher_load(config, Path(config["bench"]["load_teacher_dir"]))
+    per_rank = distributed.gather_objects(load)
+    results = {"teacher_load": {key: max(r[key] for r in per_rank) for key in load} | {"per_rank": per_rank},
+               "stages": []}
     for stage in config["bench"]["stages"]:
         result = measure_stage(config, stage, device)
         # the maximum over ranks of every byte count
@@ -288,18 +365,19 @@ def worker(config: dict, out: Path) -> None:
                 if isinstance(value, int):
                     result["memory"][role][key] = max(r["memory"][role][key] for r in gathered)
         result["teacher_zero3_rank_bytes"] = max(r["teacher_zero3_rank_bytes"] for r in gathered)
-        results.append(result)
+        results["stages"].append(result)
         if distributed.is_main():
             print(f"[bench] world {result['world_size']} stage {stage}: {result['samples_per_s']:.1f} samples/s", flush=True)
     if distributed.is_main():
         out.write_text(json.dumps(results, indent=2))
+    distributed.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
 
 
-def launch_world(config: dict, world: int, folder: Path) -> list[dict]:
+def launch_world(config: dict, world: int, folder: Path) -> dict:
     cfg_path, out = folder / f"config_{world}.json", folder / f"world_{world}.json"
     cfg_path.write_text(json.dumps(config))
     script = [str(Path(__file__).resolve()), "--worker", str(cfg_path), str(out)]
@@ -320,6 +398,15 @@ def launch_world(config: dict, world: int, folder: Path) -> list[dict]:
         if line.startswith("[bench]"):
             print(line, flush=True)
     return json.loads(out.read_text())
+
+
+def print_load_table(loads: dict[int, dict], teacher_bytes: int) -> None:
+    print(f"building the ZeRO-3 teacher from its sharded checkpoint ({teacher_bytes / 2**20:.0f} MiB of parameters); "
+          "per-rank MiB, max over ranks: RSS peak growth during construction, RSS growth after it, parameters held")
+    print(f"{'W':>3} {'RSS peak':>10} {'RSS after':>10} {'params':>10} {'peak / teacher':>15}")
+    for world, load in sorted(loads.items()):
+        print(f"{world:>3} {mib(load['rss_peak_growth']):>10} {mib(load['rss_growth_after']):>10} "
+              f"{mib(load['param_rank_bytes']):>10} {load['rss_peak_growth'] / teacher_bytes:>15.2f}")
 
 
 def mib(n: int | None) -> str:
@@ -400,20 +487,33 @@ def main(argv=None) -> None:
     if not args.no_save and out_dir is None:
         raise SystemExit("on a CPU give --out DIR (CPU results are not committed under benchmarks/results/) or --no-save")
     rows: list[dict] = []
+    loads: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "load_teacher"
+        teacher_bytes = save_sharded_teacher(config, checkpoint)
+        config["bench"]["load_teacher_dir"] = str(checkpoint)
+        print(f"[bench] sharded teacher checkpoint: {teacher_bytes / 2**20:.0f} MiB in "
+              f"{len(list(checkpoint.glob('*.safetensors')))} safetensors shards", flush=True)
         for world in config["bench"]["worlds"]:
-            rows.extend(launch_world(config, world, Path(tmp)))
+            result = launch_world(config, world, Path(tmp))
+            rows.extend(result["stages"])
+            loads[world] = result["teacher_load"]
     print_table(rows)
+    print_load_table(loads, teacher_bytes)
     by_world = {r["world_size"]: r["teacher_zero3_rank_bytes"] for r in rows}
     ratio = by_world[2] / by_world[1] if 1 in by_world and 2 in by_world else float("nan")
+    rss_ratio = (loads[2]["rss_peak_growth"] / loads[1]["rss_peak_growth"]) if 1 in loads and 2 in loads else float("nan")
     payload = {
         **provenance(preset=args.preset), "config": config,
         "rows": rows, "teacher_zero3_rank_bytes_by_world": by_world, "teacher_param_bytes_ratio_2v1": ratio,
+        "teacher_load": {"checkpoint_param_bytes": teacher_bytes, "by_world": loads},
+        "teacher_load_peak_rss_ratio_2v1": rss_ratio,
     }
     if out_dir is not None:
         path = save_json(f"scale_{args.preset}_{device_slug()}_{today()}", payload, out_dir)
         plot(rows, path.with_suffix(".png"))
     print(f"teacher_param_bytes_ratio_2v1: {ratio:.2f}")
+    print(f"teacher_load_peak_rss_ratio_2v1: {rss_ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""`matekd train|eval`: one-line errors and a non-zero exit for bad input, never a traceback."""
+"""`matekd train|warmup-generator|experiment|eval|predict`: one-line errors and a non-zero exit
+for bad input, never a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -18,6 +22,26 @@ def default_config_path() -> Path:
     return Path(str(resources.files("matekd_ds.configs") / "offline_default.yaml"))
 
 
+# Keys that make a command line more than the demo: a real task, or models of one's own.
+_NOT_THE_DEMO = re.compile(r"^(task=(?!\s*synthetic\s*$)|models\.(teacher|student|generator)=)")
+CONFIG_HELP = ("run config (YAML or JSON). Without it: the embedded offline demo "
+               "(matekd_ds/configs/offline_default.yaml: tiny builtin models, larger learning rates, "
+               "max_length 48) when the command line names no task other than synthetic and no "
+               "models.teacher/student/generator; otherwise the README's defaults (matekd_ds/config.py: "
+               "max_length 128, lr 2e-5, generator lr 5e-7, a given teacher is not fine-tuned). "
+               "config.yaml in the run directory records every value used")
+
+
+def run_config_path(config: str | None, overrides: list[str]) -> Path | None:
+    """--config; else the embedded demo for `matekd train` as the demo (no task but the
+    synthetic one, no models of one's own); else None: the README's defaults, whatever the task."""
+    if config:
+        return Path(config)
+    if any(_NOT_THE_DEMO.match(text.strip()) for text in overrides):
+        return None
+    return default_config_path()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matekd", description="MATE-KD knowledge distillation on DeepSpeed")
     # The deepspeed launcher passes --local_rank=N before the sub-command; LOCAL_RANK is used instead.
@@ -25,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a student (ft, kd or matekd)")
-    train.add_argument("--config", help="run config (YAML or JSON); default: the embedded offline demo")
+    train.add_argument("--config", help=CONFIG_HELP)
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
                         help="continue the run in output.dir from its newest verified checkpoint (an error if there is none)")
@@ -35,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     warm = sub.add_parser("warmup-generator", help="only the generator's MLM warm-up (matekd.generator_mlm_warmup_steps); "
                           "exports <output.dir>/generator_warm")
-    warm.add_argument("--config", help="run config (YAML or JSON); default: the embedded offline demo")
+    warm.add_argument("--config", help=CONFIG_HELP)
     warm_resume = warm.add_mutually_exclusive_group()
     warm_resume.add_argument("--resume", action="store_true", help="continue the warm-up in output.dir")
     warm_resume.add_argument("--auto-resume", action="store_true", help="continue it if started, else start it")
@@ -48,12 +72,44 @@ def _parser() -> argparse.ArgumentParser:
                      help="command that starts each run, e.g. 'deepspeed --num_gpus 8' (default: this python)")
     exp.add_argument("--report-only", action="store_true", help="rebuild the results table from finished runs")
 
-    ev = sub.add_parser("eval", help="evaluate a model (or a run directory's student) on the task's dev sets")
-    ev.add_argument("model", help="a run directory, or a model path / hub id")
-    ev.add_argument("--config", help="run config giving the task and data (default: the run directory's)")
+    ev = sub.add_parser("eval", help="score a model (or a run directory's student) on its dev sets or any labeled data")
+    _model_arguments(ev)
+    ev.add_argument("--data", nargs="+", action="extend", metavar="SOURCE",
+                    help="labeled data to score instead of the dev sets: .tsv/.csv/.jsonl/.json files, a GLUE "
+                         "folder (dev split only is enough), hub:DATASET[:CONFIG]:SPLIT; several give one table")
+    ev.add_argument("--max-examples", type=int, help="score the first N examples of each data set (default: all)")
+    ev.add_argument("--label-column", help="the label column of --data files (default: the run's, or the task's)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON (stdout holds nothing else)")
     ev.add_argument("--output", help="also write the results to this JSON file")
+    ev.add_argument("--perturbed", action="store_true",
+                    help="robustness: also score on generator-perturbed text (fixed seed and mask rate), with the "
+                         "run's teacher when it has one: metrics, agreement and KL, clean and perturbed")
+    ev.add_argument("--generator", help="--perturbed: the masked LM that perturbs (default: the run's)")
+    ev.add_argument("--teacher", help="--perturbed: the teacher to compare with (default: the run's, if any)")
+    ev.add_argument("--mask-prob", type=float, help="--perturbed: fraction of tokens rewritten (default: the run's)")
+    ev.add_argument("--seed", type=int, default=0, help="--perturbed: the perturbation's seed (default 0)")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task=sst2 data.path=DIR")
+
+    pr = sub.add_parser("predict", help="label a file (or write GLUE test submission files) with a model")
+    _model_arguments(pr)
+    what = pr.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", metavar="SOURCE", help="the rows to label: .tsv/.csv/.jsonl/.json, or hub:...; "
+                                                       "a label column, if any, is ignored")
+    what.add_argument("--glue-test", metavar="DIR", help="a GLUE-format folder: write the GLUE leaderboard files "
+                                                         "of the model's task from its test split(s) into --out DIR")
+    pr.add_argument("--out", required=True, help="predictions file (.tsv, .csv or .jsonl), or with --glue-test a folder")
+    pr.add_argument("--id-column", help="the column naming each row (default: id, idx, index or guid, else the row number)")
+    pr.add_argument("--json", action="store_true", help="print a JSON summary (stdout holds nothing else)")
+    pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task=sst2")
     return parser
+
+
+def _model_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("model", help="a run directory (its student), a model folder of a run (its config applies), "
+                                       "or a model path / hub id (then give task=... or --config)")
+    command.add_argument("--config", help="run config giving the task and columns (default: the run's)")
+    command.add_argument("--text-columns", type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+                         help="comma-separated text columns of the data (default: the run's, or the task's)")
 
 
 def _one_line(err: BaseException) -> str:
@@ -69,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "experiment":
             from matekd_ds import experiment
             return experiment.main(args.spec, dry_run=args.dry_run, launcher=args.launcher, report_only=args.report_only)
+        if args.command == "predict":
+            return _predict(args)
         return _eval(args)
     except MatekdError as err:
         print(f"matekd: error: {_one_line(err)}", file=sys.stderr)
@@ -81,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f" {err.filename}" if getattr(err, "filename", None) else ""
         print(f"matekd: error: could not write{where}: {what}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        from matekd_ds import distributed
+
+        distributed.shutdown()
 
 
 def _train(args) -> int:
@@ -89,11 +151,12 @@ def _train(args) -> int:
     from matekd_ds.health import Diverged
 
     signals.install()  # from start-up to exit: a SIGTERM while loading stops cleanly too
-    cfg = load_config(args.config or default_config_path(), args.overrides)
+    config_path = run_config_path(args.config, args.overrides)
+    cfg = load_config(config_path, args.overrides)
     generator_only = args.command == "warmup-generator"
     if generator_only and (cfg.method != "matekd" or cfg.matekd.generator_mlm_warmup_steps == 0):
         raise MatekdError("warmup-generator needs method=matekd and matekd.generator_mlm_warmup_steps > 0")
-    from matekd_ds import pipeline, summary
+    from matekd_ds import distributed, model_card, pipeline, summary
     from matekd_ds.run_dir import RunDir
 
     resume = args.resume or (args.auto_resume and RunDir(cfg.output.dir).config_file.is_file())
@@ -111,19 +174,77 @@ def _train(args) -> int:
             print(f"generator warmed up: dev masked-token accuracy {warm['dev_before']['accuracy']:.4f} -> "
                   f"{warm['dev_after']['accuracy']:.4f}; saved to {Path(cfg.output.dir) / 'generator_warm'}")
         return 0
+    if distributed.is_main():
+        try:
+            model_card.refresh_cards(Path(cfg.output.dir))  # now with the final dev metrics
+        except OSError as err:  # the run is complete; only its card is not up to date
+            print(f"[matekd] could not update the model card: {err.strerror or err}", file=sys.stderr)
     summary.print_summary(metrics, cfg.output.dir)
     return 0
 
 
-def _eval(args) -> int:
-    from matekd_ds import evaluation_cli
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
-    results = evaluation_cli.evaluate_model(args.model, args.config, args.overrides)
-    if results is not None:  # rank 0
-        text = json.dumps(results, indent=2)
-        print(text)
+
+def _split_overrides(args) -> None:
+    """`--data a.tsv b.tsv task=x`: what looks like key=value is an override, not a source."""
+    sources = args.data if isinstance(args.data, list) else []
+    args.overrides = [*args.overrides, *(s for s in sources if _OVERRIDE.match(s))]
+    if isinstance(args.data, list):
+        args.data = [s for s in sources if not _OVERRIDE.match(s)]
+
+
+@contextlib.contextmanager
+def _results_only_on_stdout():
+    """While eval/predict work, anything printed (DeepSpeed's import-time warning, library output,
+    even from C) goes to stderr: stdout carries the results alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _eval(args) -> int:
+    _split_overrides(args)
+    with _results_only_on_stdout():
+        from matekd_ds import evaluation_cli as ev
+        from matekd_ds.checkpoint import write_atomic
+
+        request = ev.EvalRequest(
+            args.model, args.config, args.overrides,
+            ev.DataOptions(args.data or [], args.text_columns, args.label_column), args.max_examples,
+            ev.RobustnessOptions(args.perturbed, args.generator, args.teacher, args.seed, args.mask_prob))
         if args.output:
-            Path(args.output).write_text(text + "\n")
+            from matekd_ds.predict import check_output_path
+            check_output_path(Path(args.output), suffixes=(), flag="--output")
+        results = ev.evaluate_target(request)
+        text = json.dumps(results, indent=2) if results is not None else ""
+        if results is not None and args.output:  # rank 0
+            write_atomic(Path(args.output), text + "\n")
+    if results is not None:
+        print(text if args.json else ev.format_results(results))
+    return 0
+
+
+def _predict(args) -> int:
+    with _results_only_on_stdout():
+        if args.glue_test:
+            from matekd_ds.glue_submission import SubmissionRequest, write_submission
+            summary = write_submission(SubmissionRequest(args.model, Path(args.glue_test), Path(args.out), args.config,
+                                                         args.overrides))
+        else:
+            from matekd_ds.predict import PredictRequest, predict_file
+            summary = predict_file(PredictRequest(args.model, args.data, Path(args.out), args.config, args.overrides,
+                                                  args.text_columns, args.id_column))
+        from matekd_ds.predict import summary_line
+    if summary is not None:  # rank 0
+        print(json.dumps(summary, indent=2) if args.json else summary_line(summary))
     return 0
 
 

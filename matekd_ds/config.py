@@ -323,18 +323,19 @@ def _fix_yaml_floats(data: Any) -> Any:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                for_training: bool = True) -> RunConfig:
+    """`path` (None: the defaults of this file, which are the README's) plus dotted overrides."""
     data: dict[str, Any] = read_config_file(path) if path else {}
     for text in overrides or []:
         data = merge(data, parse_override(text))
-    cfg = _build(RunConfig, data)
-    validate(cfg)
-    return cfg
+    return config_from_dict(data, for_training)
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
+def config_from_dict(data: dict[str, Any], for_training: bool = True) -> RunConfig:
+    """for_training=False (`matekd eval`/`predict`): a custom task needs no training file."""
     cfg = _build(RunConfig, data)
-    validate(cfg)
+    validate(cfg, for_training)
     return cfg
 
 
@@ -343,7 +344,7 @@ def _check(ok: bool, message: str) -> None:
         raise MatekdError(message)
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, for_training: bool = True) -> None:
     """Value checks that types alone cannot express."""
     _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
     _check(cfg.train.dtype in DTYPES, f"train.dtype must be one of {', '.join(DTYPES)}, got '{cfg.train.dtype}'")
@@ -386,7 +387,7 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < cfg.models.teacher_finetune_lr <= MAX_LR,
            f"models.teacher_finetune_lr must be in (0, {MAX_LR}], got {cfg.models.teacher_finetune_lr}")
     _check(bool(cfg.output.dir), "output.dir must not be empty")
-    if cfg.task == "custom":
+    if cfg.task == "custom" and for_training:
         _check(bool(cfg.data.train_file), "task: custom needs data.train_file")
         _check(bool(cfg.data.dev_file), "task: custom needs data.dev_file")
 

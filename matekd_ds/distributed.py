@@ -49,6 +49,17 @@ def _skip_cpu_shared_memory_op() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
+def shutdown() -> None:
+    """Leave the process group before the interpreter exits: a gloo group still alive at exit
+    can abort the process from a background thread ("terminate called without an active
+    exception", exit code -6) after all its work is done."""
+    if _initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - the group is already broken; the process is leaving anyway
+            pass
+
+
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -5,11 +5,17 @@ every engine's DeepSpeed config and the run's precision; the teacher, student an
 models as given (or, resuming, as an earlier phase of this run left them). Any problem with the
 user's input (config, data, models, vocabularies, DeepSpeed configs) stops here with one line,
 before DeepSpeed starts and before the run directory exists.
+
+A model whose first engine is ZeRO-3 (the teacher with deepspeed.teacher: teacher-inference, a
+student or generator at stage 3) is never loaded whole: here it is a `Partitioned` placeholder,
+checked on a copy built on the meta device (no memory); `build_partitioned_models`, once the
+process group exists, builds it straight into its partitions (zero3_load.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,13 +33,22 @@ from matekd_ds.run_dir import RunDir
 
 
 @dataclass(frozen=True)
+class Partitioned:
+    """A model to be built into its ZeRO-3 partitions after distributed.init()."""
+
+    spec: str  # path, hub id or builtin
+    zero3_config: dict[str, Any]  # the DeepSpeed config of its first engine
+    shape: torch.nn.Module  # the same model on the meta device: its structure, for the checks
+
+
+@dataclass(frozen=True)
 class RunModels:
     """The models a run starts from. None: not used by this run (teacher for plain ft, the
     generator outside matekd), or (student) cut from the teacher after its fine-tuning."""
 
-    teacher: torch.nn.Module | None
-    student: torch.nn.Module | None
-    generator: torch.nn.Module | None
+    teacher: torch.nn.Module | Partitioned | None
+    student: torch.nn.Module | Partitioned | None
+    generator: torch.nn.Module | Partitioned | None
     teacher_is_finetuned: bool  # resuming after the teacher phase: the teacher is this run's export
     generator_is_warm: bool  # resuming after the MLM warm-up: the generator is this run's export
 
@@ -74,7 +89,7 @@ def prepare_inputs(cfg: RunConfig, resume: bool) -> RunInputs:
     ds_configs, dtype = resolve_run_ds_configs(cfg, distributed.world_size(), with_teacher=uses_teacher(cfg))
     if dtype == "fp16" and not torch.cuda.is_available():
         raise MatekdError("fp16 training needs a GPU; on the CPU use train.dtype=bf16 or fp32")
-    run_models = _load_models(cfg, data, tokenizer, run if resume else None)
+    run_models = _load_models(cfg, data, tokenizer, run if resume else None, ds_configs)
     _check_one_global_batch(cfg, len(train))
     return RunInputs(cfg, data, tokenizer, train, dev, ds_configs, dtype, run_models)
 
@@ -91,34 +106,96 @@ def _load_tokenizer(cfg: RunConfig, data: TaskData, resumed: RunDir | None):
     return train_wordpiece(data.texts, cfg.models.builtin_tokenizer_vocab_size)
 
 
-def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | None) -> RunModels:
+def zero3_construction_configs(cfg: RunConfig, ds_configs: dict[str, dict[str, Any]],
+                               teacher_finetuned: bool) -> dict[str, dict[str, Any] | None]:
+    """Per role, the ZeRO-3 DeepSpeed config its first engine runs with (None: not ZeRO-3). A
+    teacher still to be fine-tuned first trains with the student's config."""
+    def stage3(ds: dict[str, Any] | None) -> dict[str, Any] | None:
+        return ds if ds is not None and ds.get("zero_optimization", {}).get("stage") == 3 else None
+
+    finetune_first = cfg.models.teacher_finetune_epochs > 0 and not teacher_finetuned
+    return {"teacher": stage3(ds_configs["student"]) if finetune_first else ds_configs.get("teacher"),
+            "student": stage3(ds_configs["student"]), "generator": stage3(ds_configs.get("generator"))}
+
+
+def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | None,
+                 ds_configs: dict[str, dict[str, Any]]) -> RunModels:
     """Teacher, student and generator, checked to share one vocabulary. A resumed run whose
     teacher fine-tuning (or generator warm-up) finished loads that phase's export instead."""
     num_labels, regression = data.spec.num_labels, data.spec.is_regression
     finetuned = bool(resumed and cfg.models.teacher_finetune_epochs > 0 and resumed.has_model("teacher"))
     warm = bool(resumed and cfg.matekd.generator_mlm_warmup_steps > 0 and resumed.has_model("generator_warm"))
+    zero3 = zero3_construction_configs(cfg, ds_configs, finetuned)
     teacher = student = generator = None
     if uses_teacher(cfg):
         teacher_spec = str(resumed.model_dir("teacher")) if finetuned else cfg.models.teacher
-        with _model_seed(cfg, "teacher"):
-            teacher = models.load_classifier("teacher", teacher_spec, num_labels, tokenizer, regression)
+        teacher = _classifier(cfg, "teacher", teacher_spec, num_labels, tokenizer, regression, zero3["teacher"])
     if cfg.models.student_init_from_teacher_layers is None:
-        with _model_seed(cfg, "student"):
-            student = models.load_classifier("student", cfg.models.student, num_labels, tokenizer, regression)
+        student = _classifier(cfg, "student", cfg.models.student, num_labels, tokenizer, regression, zero3["student"])
     else:
-        models.check_student_layers(teacher.config, cfg.models.student_init_from_teacher_layers)
+        models.check_student_layers(structure(teacher).config, cfg.models.student_init_from_teacher_layers)
     if cfg.method == "matekd":
         generator_spec = str(resumed.model_dir("generator_warm")) if warm else cfg.models.generator
-        with _model_seed(cfg, "generator"):
-            generator = models.load_generator(generator_spec, tokenizer)
-        models.masked_lm_parts(generator)  # an unsupported MLM head is refused now, not after the teacher phase
-    loaded = {role: m for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
+        generator = _generator(cfg, generator_spec, tokenizer, zero3["generator"])
+        models.masked_lm_parts(structure(generator))  # an unsupported MLM head is refused now, not after the teacher phase
+    loaded = {role: structure(m) for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
               if m is not None}
     models.check_shared_vocabulary(loaded, tokenizer)
     if not cfg.models.tokenizer:
         models.check_tokenizers_agree({"student": cfg.models.student, "generator": cfg.models.generator}, tokenizer)
     models.check_input_length(loaded, cfg.data.max_length)
     return RunModels(teacher, student, generator, teacher_is_finetuned=finetuned, generator_is_warm=warm)
+
+
+def structure(model: torch.nn.Module | Partitioned) -> torch.nn.Module:
+    """The module to check: the model itself, or a partitioned one's meta-device copy."""
+    return model.shape if isinstance(model, Partitioned) else model
+
+
+def _classifier(cfg: RunConfig, role: str, spec: str, num_labels: int, tokenizer, regression: bool,
+                zero3: dict[str, Any] | None) -> torch.nn.Module | Partitioned:
+    if zero3 is None:
+        with _model_seed(cfg, role):
+            return models.load_classifier(role, spec, num_labels, tokenizer, regression)
+    config = models.classifier_config(role, spec, num_labels, tokenizer, regression)
+    with torch.device("meta"):
+        return Partitioned(spec, zero3, models.AutoModelForSequenceClassification.from_config(config))
+
+
+def _generator(cfg: RunConfig, spec: str, tokenizer, zero3: dict[str, Any] | None) -> torch.nn.Module | Partitioned:
+    if zero3 is None:
+        with _model_seed(cfg, "generator"):
+            return models.load_generator(spec, tokenizer)
+    config = models.generator_config(spec, tokenizer)
+    with torch.device("meta"):
+        return Partitioned(spec, zero3, models.AutoModelForMaskedLM.from_config(config))
+
+
+def build_partitioned_models(inputs: RunInputs) -> RunInputs:
+    """Build every `Partitioned` model into its ZeRO-3 partitions (collective: after
+    distributed.init(), every rank). A failure on any rank stops every rank with one line."""
+    cfg, data, m = inputs.cfg, inputs.data, inputs.models
+    built: dict[str, torch.nn.Module] = {}
+    problem = None
+    try:
+        for role in ("teacher", "student", "generator"):
+            model = getattr(m, role)
+            if not isinstance(model, Partitioned):
+                continue
+            with _model_seed(cfg, role):
+                if role == "generator":
+                    built[role] = models.load_generator(model.spec, inputs.tokenizer, zero3_config=model.zero3_config)
+                else:
+                    built[role] = models.load_classifier(role, model.spec, data.spec.num_labels, inputs.tokenizer,
+                                                         data.spec.is_regression, zero3_config=model.zero3_config)
+    except MatekdError as err:
+        problem = str(err)
+    problems = [p for p in distributed.gather_objects(problem) if p]
+    if problems:
+        raise MatekdError(problems[0])
+    if not built:
+        return inputs
+    return dataclasses.replace(inputs, models=dataclasses.replace(m, **built))
 
 
 # Each model's random initialisation (a builtin model, or the new head of a pretrained encoder)
@@ -150,7 +227,7 @@ def estimated_output_bytes(inputs: RunInputs) -> int:
     moments per trained parameter, keep_checkpoints + 1 of them while a new one is written) and
     its exports."""
     def numel(model) -> int:
-        return param_numel(model) if model is not None else 0
+        return param_numel(structure(model)) if model is not None else 0
 
     cfg, m = inputs.cfg, inputs.models
     student = numel(m.student) or numel(m.teacher)  # cut from the teacher: at most its size

@@ -16,7 +16,7 @@ from scipy.stats import rankdata
 from matekd_ds.data.glue import TaskSpec
 from matekd_ds.errors import MatekdError
 
-METRIC_NAMES = ("accuracy", "f1", "matthews", "pearson", "spearman")
+METRIC_NAMES = ("accuracy", "f1", "f1_macro", "matthews", "pearson", "spearman")
 
 
 def _paired(preds: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -48,6 +48,14 @@ def f1(preds: ArrayLike, labels: ArrayLike, positive: int = 1) -> float:
     false_neg = int(np.sum(~predicted & actual))
     denominator = 2 * true_pos + false_pos + false_neg
     return 0.0 if denominator == 0 else 2 * true_pos / denominator
+
+
+def f1_macro(preds: ArrayLike, labels: ArrayLike) -> float:
+    """The mean of each class's F1 over the classes that occur in labels or predictions
+    (sklearn's average="macro"): every class counts the same, however rare."""
+    preds_array, labels_array = _paired(preds, labels)
+    classes = np.union1d(preds_array, labels_array)
+    return float(np.mean([f1(preds_array, labels_array, positive=c) for c in classes]))
 
 
 def matthews_corrcoef(preds: ArrayLike, labels: ArrayLike) -> float:
@@ -88,6 +96,7 @@ def spearman(preds: ArrayLike, labels: ArrayLike) -> float:
 _METRIC_FUNCTIONS: dict[str, Callable[[ArrayLike, ArrayLike], float]] = {
     "accuracy": accuracy,
     "f1": f1,
+    "f1_macro": f1_macro,
     "matthews": matthews_corrcoef,
     "pearson": pearson,
     "spearman": spearman,
@@ -132,3 +141,28 @@ def task_metrics(task: TaskSpec, outputs: ArrayLike, labels: ArrayLike) -> dict[
     results = compute_metrics(task.metrics, predictions_from_outputs(task, outputs), labels)
     results["main"] = results[task.main_metric]
     return results
+
+
+def confusion_matrix(preds: ArrayLike, labels: ArrayLike, num_classes: int) -> np.ndarray:
+    """[num_classes, num_classes] counts, rows the true class, columns the predicted one."""
+    preds_array, labels_array = _paired(preds, labels)
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (labels_array.astype(np.int64), preds_array.astype(np.int64)), 1)
+    return matrix
+
+
+def classification_report(preds: ArrayLike, labels: ArrayLike, label_names: Sequence[str]) -> dict:
+    """The confusion matrix and each class's precision, recall, F1 and support (its number of
+    true examples); a ratio with nothing to divide by is 0.0."""
+    matrix = confusion_matrix(preds, labels, len(label_names))
+    true_counts, pred_counts = matrix.sum(axis=1), matrix.sum(axis=0)
+    per_class = {}
+    for c, name in enumerate(label_names):
+        hits = int(matrix[c, c])
+        precision = hits / pred_counts[c] if pred_counts[c] else 0.0
+        recall = hits / true_counts[c] if true_counts[c] else 0.0
+        both = precision + recall
+        per_class[name] = {"precision": float(precision), "recall": float(recall),
+                           "f1": float(2 * precision * recall / both) if both else 0.0,
+                           "support": int(true_counts[c])}
+    return {"labels": list(label_names), "confusion_matrix": matrix.tolist(), "per_class": per_class}

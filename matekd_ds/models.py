@@ -86,27 +86,86 @@ def check_label_count(role: str, spec: str, num_labels: int) -> None:
                           f"but the task has {num_labels}")
 
 
-def load_classifier(role: str, spec: str, num_labels: int, tokenizer, regression: bool) -> nn.Module:
-    """Teacher or student: AutoModelForSequenceClassification from a path, hub id or builtin."""
+def classifier_config(role: str, spec: str, num_labels: int, tokenizer, regression: bool):
+    """The config a teacher or student is built from (label count checked), without its weights."""
     problem = "regression" if regression else "single_label_classification"
     if is_builtin(spec):
         config = builtin_config(spec, len(tokenizer), tokenizer.pad_token_id)
         config.num_labels, config.problem_type = num_labels, problem
-        return AutoModelForSequenceClassification.from_config(config)
+        return config
     check_label_count(role, spec, num_labels)
-    return _pretrained(
-        AutoModelForSequenceClassification.from_pretrained, role, spec,
-        num_labels=num_labels, problem_type=problem,
-    )
+    return _pretrained(AutoConfig.from_pretrained, role, spec, num_labels=num_labels, problem_type=problem)
 
 
-def load_generator(spec: str, tokenizer) -> nn.Module:
+def generator_config(spec: str, tokenizer):
+    if is_builtin(spec):
+        return builtin_config(spec, len(tokenizer), tokenizer.pad_token_id)
+    return _pretrained(AutoConfig.from_pretrained, "generator", spec)
+
+
+def load_classifier(role: str, spec: str, num_labels: int, tokenizer, regression: bool,
+                    zero3_config: dict | None = None) -> nn.Module:
+    """Teacher or student: AutoModelForSequenceClassification from a path, hub id or builtin.
+    With `zero3_config` it is built straight into its ZeRO-3 partitions (zero3_load.py)."""
+    config = classifier_config(role, spec, num_labels, tokenizer, regression)
+    if zero3_config is not None:
+        return _load_partitioned(AutoModelForSequenceClassification, role, spec, config, zero3_config)
+    if is_builtin(spec):
+        return AutoModelForSequenceClassification.from_config(config)
+    return _pretrained(AutoModelForSequenceClassification.from_pretrained, role, spec, config=config)
+
+
+def load_generator(spec: str, tokenizer, zero3_config: dict | None = None) -> nn.Module:
     """The generator: AutoModelForMaskedLM. An encoder checkpoint without an MLM head gets a
     fresh head whose decoder is tied to the word embeddings (transformers does the tying)."""
+    config = generator_config(spec, tokenizer)
+    if zero3_config is not None:
+        return _load_partitioned(AutoModelForMaskedLM, "generator", spec, config, zero3_config)
     if is_builtin(spec):
-        config = builtin_config(spec, len(tokenizer), tokenizer.pad_token_id)
         return AutoModelForMaskedLM.from_config(config)
     return _pretrained(AutoModelForMaskedLM.from_pretrained, "generator", spec)
+
+
+def _local_checkpoint(role: str, spec: str) -> Path:
+    """A local folder holding the checkpoint of a path or hub id (downloaded once, by rank 0)."""
+    if Path(spec).expanduser().is_dir():
+        return Path(spec).expanduser()
+    from huggingface_hub import snapshot_download
+
+    from matekd_ds import distributed
+
+    def fetch() -> Path:
+        return Path(_pretrained(snapshot_download, role, spec,
+                                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]))
+
+    if distributed.is_main():
+        fetch()
+    distributed.barrier()
+    return fetch()  # in the cache now: no download
+
+
+def _load_partitioned(auto_class, role: str, spec: str, config, zero3_config: dict) -> nn.Module:
+    """Built under deepspeed.zero.Init and filled partition by partition from the checkpoint's
+    files: no rank ever holds the whole model (zero3_load.py). What the checkpoint lacks (a new
+    head; everything, for a builtin model) is initialised the Hugging Face way."""
+    from matekd_ds.zero3_load import build_partitioned, checkpoint_files, init_missing, load_partitions
+
+    model = build_partitioned(lambda: auto_class.from_config(config), zero3_config)
+    if is_builtin(spec):
+        init_missing(model, [name for name, _ in model.named_parameters()])
+        return model
+    folder = _local_checkpoint(role, spec)
+    files = checkpoint_files(folder)
+    if files is None:
+        raise MatekdError(f"could not load the {role} from '{spec}': no model.safetensors or pytorch_model.bin there")
+    try:
+        report = load_partitions(model, files)
+    except MatekdError as err:
+        raise MatekdError(f"could not load the {role} from '{spec}': {err}") from None
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt shard
+        raise MatekdError(f"could not load the {role} from '{spec}': {type(err).__name__}: {err}") from None
+    init_missing(model, report["missing"])
+    return model
 
 
 def load_tokenizer(spec: str, role: str = "tokenizer"):
@@ -114,7 +173,8 @@ def load_tokenizer(spec: str, role: str = "tokenizer"):
 
 
 def vocab_size(model: nn.Module) -> int:
-    return model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]  # ZeRO-3: the whole matrix's
 
 
 def check_shared_vocabulary(models: dict[str, nn.Module], tokenizer) -> None:
@@ -130,11 +190,26 @@ def check_shared_vocabulary(models: dict[str, nn.Module], tokenizer) -> None:
         raise MatekdError("the tokenizer has no mask token; MATE-KD's generator needs one")
 
 
+# The files a saved tokenizer consists of (one of them at least); a model folder without any has none.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "spm.model", "tokenizer.model")
+
+
+def has_tokenizer_files(spec: str) -> bool:
+    """Whether `spec` ships a tokenizer: a local folder must hold its files; a hub id may."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        return not _looks_like_path(spec)
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def check_tokenizers_agree(specs: dict[str, str], tokenizer) -> None:
-    """When several model directories ship tokenizers, they must be the same vocabulary."""
+    """When several model directories ship tokenizers, they must be the same vocabulary. A folder
+    without tokenizer files has nothing to compare (transformers would return an empty
+    tokenizer for it): the embedding-size check still applies."""
     reference = tokenizer.get_vocab()
     for role, spec in specs.items():
-        if is_builtin(spec):
+        if is_builtin(spec) or not has_tokenizer_files(spec):
             continue
         try:
             other = AutoTokenizer.from_pretrained(spec)
@@ -176,6 +251,12 @@ def check_student_layers(teacher_config, layers: list[int]) -> None:
     if not layers or any(not 0 <= i < n_teacher for i in layers):
         raise MatekdError(f"models.student_init_from_teacher_layers must pick layers in 0..{n_teacher - 1} "
                           f"(the teacher has {n_teacher}), got {layers}")
+
+
+def teacher_key_in_student(key: str, layers: list[int]) -> bool:
+    """Whether a DistilBERT-style student cut from `layers` takes teacher weight `key`."""
+    match = re.search(r"\.layer\.(\d+)\.", key)
+    return match is None or int(match[1]) in layers
 
 
 def init_student_from_teacher(teacher: nn.Module, layers: list[int],

@@ -13,13 +13,28 @@ from matekd_ds import distributed
 log = logging.getLogger("matekd")
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Each log line on its own line: while a progress bar is drawn on the same stream, the bar
+    is cleared, the line written and the bar redrawn below it (tqdm.write), instead of the line
+    being appended to the bar's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging must never stop a run
+            self.handleError(record)
+
+
 def setup_logging(log_file: Path | None) -> None:
     """Rank 0 logs INFO to the console (and the run's log file); other ranks only warnings."""
     log.handlers.clear()
     log.propagate = False
     level = logging.INFO if distributed.is_main() else logging.WARNING
     log.setLevel(level)
-    console = logging.StreamHandler(sys.stderr)
+    console = ConsoleHandler(sys.stderr)
     console.setFormatter(logging.Formatter("[matekd] %(message)s"))
     log.addHandler(console)
     if log_file is not None and distributed.is_main():

@@ -9,6 +9,7 @@ the device or offloaded), and `param.ds_numel` / `param.ds_shape` describe the w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,27 +49,30 @@ def param_bytes(module: nn.Module) -> dict[str, Any]:
             "partitioned": is_partitioned(module)}
 
 
-def gathered_state_dict(module: nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor] | None:
-    """The full state dict of a ZeRO-3 module, on the CPU, gathered one module at a time (the
-    device never holds more than one layer's full weights). Collective: every rank calls it;
-    with rank0_only the other ranks get None."""
+def gathered_state_dict(module: nn.Module, rank0_only: bool = True,
+                        keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a ZeRO-3 module (the entries `keep` accepts), on the CPU, gathered
+    one module at a time (the device never holds more than one layer's full weights); modules
+    with nothing to keep are not gathered. Collective: every rank calls it; with rank0_only the
+    other ranks get None."""
     import deepspeed
 
-    keep = distributed.is_main() or not rank0_only
-    keys = set(module.state_dict(keep_vars=True))
+    wanted = keep or (lambda key: True)
+    keys = {k for k in module.state_dict(keep_vars=True) if wanted(k)}
+    holder = distributed.is_main() or not rank0_only  # this rank keeps the copies
     out: dict[str, torch.Tensor] = {}
     copies: dict[int, torch.Tensor] = {}  # tied parameters: one copy under each name
 
     def walk(mod: nn.Module, prefix: str) -> None:
-        params = list(mod.parameters(recurse=False))
+        params = [p for name, p in mod.named_parameters(recurse=False) if prefix + name in keys]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            if keep:
+            if holder:
                 for name, p in mod.named_parameters(recurse=False):
                     if prefix + name in keys:
                         if id(p) not in copies:
                             copies[id(p)] = p.detach().to("cpu", copy=True)
                         out[prefix + name] = copies[id(p)]
-        if keep:
+        if holder:
             for name, b in mod.named_buffers(recurse=False):
                 if b is not None and prefix + name in keys:
                     out[prefix + name] = b.detach().to("cpu", copy=True)
@@ -76,7 +80,7 @@ def gathered_state_dict(module: nn.Module, rank0_only: bool = True) -> dict[str,
             walk(child, prefix + name + ".")
 
     walk(module, "")
-    return out if keep else None
+    return out if holder else None
 
 
 def release_backward_leftovers(engine) -> None:

@@ -22,7 +22,7 @@ from matekd_ds import distributed, models
 from matekd_ds.checkpoint import Checkpointer
 from matekd_ds.engines import RunEngines
 from matekd_ds.evaluation import DevEvaluator, evaluate, main_score
-from matekd_ds.inputs import RunInputs
+from matekd_ds.inputs import RunInputs, zero3_construction_configs
 from matekd_ds.methods import FineTune, KnowledgeDistillation, MateKD, Method, MlmWarmup
 from matekd_ds.methods.mlm import MlmEvaluator
 from matekd_ds.monitor import Monitor, log
@@ -112,8 +112,11 @@ def _fine_tune_teacher(ctx: PhaseContext, model: torch.nn.Module) -> tuple[torch
     log.info(f"[teacher] fine-tuning for {total} steps")
     state = trainer.fit(ctx.resume)
     ctx.run.export("teacher", engine.module, inputs.tokenizer)
+    # a ZeRO-3 engine leaves partitions only: the teacher comes back from its export, straight
+    # into the partitions of its frozen engine when that is ZeRO-3 too
     model = _module_after_training(engine, lambda: models.load_classifier(
-        "teacher", str(ctx.run.model_dir("teacher")), spec.num_labels, inputs.tokenizer, spec.is_regression))
+        "teacher", str(ctx.run.model_dir("teacher")), spec.num_labels, inputs.tokenizer, spec.is_regression,
+        zero3_config=ctx.engines.ds_configs.get("teacher")))
     distributed.barrier()
     return model, {"dev": state.evaluations[-1]["dev"], "best": state.best, "steps": state.step,
                    "train_seconds": state.train_seconds}
@@ -147,7 +150,8 @@ def generator_warmup_phase(ctx: PhaseContext) -> GeneratorOutcome:
     state = ctx.trainer(MlmWarmup(engine, perturber), "generator_warmup", steps, evaluator, engine.device).fit(ctx.resume)
     ctx.run.export("generator_warm", engine.module, inputs.tokenizer)
     generator = _module_after_training(engine, lambda: models.load_generator(
-        str(ctx.run.model_dir("generator_warm")), inputs.tokenizer))
+        str(ctx.run.model_dir("generator_warm")), inputs.tokenizer,
+        zero3_config=zero3_construction_configs(inputs.cfg, ctx.engines.ds_configs, True)["generator"]))
     distributed.barrier()
     return GeneratorOutcome(generator, {"steps": state.step, "dev_before": before,
                                         "dev_after": state.evaluations[-1]["dev"]["dev"],
@@ -184,10 +188,14 @@ def student_phase(ctx: PhaseContext, teacher: Teacher | None, generator: torch.n
 
 def _student_from_teacher(teacher: Teacher, cfg) -> torch.nn.Module:
     """DistilBERT-style: the teacher's embeddings, head and chosen layers. A ZeRO-3 teacher
-    holds partitions only: its full weights are gathered (CPU, every rank) first."""
-    full = gathered_state_dict(teacher.module, rank0_only=False) if is_partitioned(teacher.module) else None
-    student = models.init_student_from_teacher(teacher.module, cfg.models.student_init_from_teacher_layers,
-                                               state_dict=full).float()
+    holds partitions only: the weights the student takes are gathered (CPU, every rank, one
+    module at a time); the layers it does not take never are."""
+    layers = cfg.models.student_init_from_teacher_layers
+    full = None
+    if is_partitioned(teacher.module):
+        full = gathered_state_dict(teacher.module, rank0_only=False,
+                                   keep=lambda key: models.teacher_key_in_student(key, layers))
+    student = models.init_student_from_teacher(teacher.module, layers, state_dict=full).float()
     student.requires_grad_(True)
     return student
 

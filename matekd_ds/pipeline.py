@@ -25,7 +25,7 @@ from matekd_ds import distributed, faults, signals
 from matekd_ds.config import RunConfig
 from matekd_ds.engines import RunEngines
 from matekd_ds.health import Diverged
-from matekd_ds.inputs import estimated_output_bytes, prepare_inputs
+from matekd_ds.inputs import build_partitioned_models, estimated_output_bytes, prepare_inputs
 from matekd_ds.kernels import backend_info
 from matekd_ds.monitor import Monitor, log, setup_logging
 from matekd_ds.phases import (
@@ -52,6 +52,8 @@ def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = Fa
     signals.stop_here("before the run started (nothing was written)", collective=False)
     distributed.init()  # after every input check: bad input exits before any rank waits on another
     torch.manual_seed(cfg.train.seed + distributed.rank())  # per-rank dropout (each phase reseeds too)
+    run.check_shared()
+    inputs = build_partitioned_models(inputs)  # ZeRO-3 models, straight into their partitions
     run.lock()
     run.open(cfg, resume, inputs.tokenizer)
     faults.at("opened")

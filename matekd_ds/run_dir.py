@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from matekd_ds import distributed
+from matekd_ds import distributed, model_card
 from matekd_ds.checkpoint import fsync_path, write_atomic
 from matekd_ds.config import RunConfig, config_from_dict, dump_config, read_config_file
 from matekd_ds.errors import MatekdError
@@ -35,12 +35,24 @@ RESUME_LOCKED = ("task", "method", "models", "data")
 LOCK = ".lock"  # held (flock) by the process that runs in the directory, for the life of the run
 
 
-def export_model(module: torch.nn.Module, tokenizer, path: Path) -> None:
-    """save_pretrained + tokenizer, written beside and renamed into place (rank 0). Every rank
-    calls it: a ZeRO-3 module's weights are gathered first (a collective), one layer at a time."""
+def name_labels(module: torch.nn.Module, label_names: list[str] | None) -> None:
+    """id2label/label2id from the task's class names, so that the exported classifier (and
+    pipelines built on it) say "positive", not "LABEL_1"."""
+    config = getattr(module, "config", None)
+    if label_names and config is not None and getattr(config, "num_labels", None) == len(label_names):
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {name: i for i, name in enumerate(label_names)}
+
+
+def export_model(module: torch.nn.Module, tokenizer, path: Path, label_names: list[str] | None = None,
+                 card: str | None = None) -> None:
+    """save_pretrained + tokenizer (+ the model card `card` as README.md), written beside and
+    renamed into place (rank 0). Every rank calls it: a ZeRO-3 module's weights are gathered
+    first (a collective), one layer at a time."""
     state = gathered_state_dict(module) if is_partitioned(module) else None
     if not distributed.is_main():
         return
+    name_labels(module, label_names)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -49,6 +61,8 @@ def export_model(module: torch.nn.Module, tokenizer, path: Path) -> None:
         else:
             module.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / model_card.CARD).write_text(card)
         for file in tmp.iterdir():
             fsync_path(file)
     except BaseException:
@@ -123,7 +137,16 @@ class RunDir:
             write_atomic(self.metrics_file, json.dumps(metrics, indent=2))
 
     def export(self, name: str, module: torch.nn.Module, tokenizer) -> None:
-        export_model(module, tokenizer, self.model_dir(name))
+        """A classifier export names its classes after the task's; student exports carry a model
+        card (rewritten with the final metrics once the run ends)."""
+        labels = model_card.label_names(self.path) if name != "generator_warm" else None
+        card = None
+        if name in model_card.CARDED_EXPORTS and distributed.is_main():
+            try:
+                card = model_card.render(self.path, name)
+            except MatekdError:
+                card = None  # no readable config.yaml: the export itself matters more
+        export_model(module, tokenizer, self.model_dir(name), labels, card)
 
     def _holds_files(self) -> bool:
         return self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
@@ -160,6 +183,30 @@ class RunDir:
         if free < needed_bytes:
             raise MatekdError(f"output.dir {self.path}: its filesystem has {free / 2**20:.0f} MiB free, the run needs "
                               f"about {needed_bytes / 2**20:.0f} MiB for its checkpoints and exports")
+
+    def check_shared(self) -> None:
+        """Every rank names the same output.dir and sees the same files there: rank 0 alone
+        writes LATEST, metrics.json and the exports, and a resume reads them on every rank.
+        Collective; a world of one passes at once."""
+        if distributed.world_size() == 1:
+            return
+        paths = distributed.gather_objects(str(self.path.absolute()))
+        other = next(((rank, p) for rank, p in enumerate(paths) if p != paths[0]), None)
+        if other is not None:
+            raise MatekdError(f"output.dir differs between ranks ({paths[0]} on rank 0, {other[1]} on rank {other[0]}): "
+                              "every rank must write to one directory, on a filesystem all nodes share")
+        probe = distributed.gather_objects(
+            str(_existing_ancestor(self.path) / f".matekd-shared-{os.getpid()}-{time.time_ns()}"))[0]
+        if distributed.is_main():
+            Path(probe).write_text("")
+        distributed.barrier()
+        blind = [rank for rank, seen in enumerate(distributed.gather_objects(Path(probe).exists())) if not seen]
+        distributed.barrier()
+        if distributed.is_main():
+            Path(probe).unlink(missing_ok=True)
+        if blind:
+            raise MatekdError(f"output.dir {self.path} is not on a filesystem every node shares: rank {blind[0]} "
+                              "does not see what rank 0 writes there")
 
     def lock(self) -> None:
         """Take the run directory for this run (rank 0 holds an flock until the process exits).

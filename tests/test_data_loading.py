@@ -344,3 +344,133 @@ def test_load_table_file_errors(tmp_path: Path, name: str, content: str, message
 def test_load_table_missing_file(tmp_path: Path) -> None:
     with pytest.raises(MatekdError, match=r"data file not found: .*missing.csv"):
         load_table(tmp_path / "missing.csv", ["text"], "label")
+
+
+# --------------------------------------------------------------------------- JSON arrays, and the same rows in every format
+
+
+TREC_ROWS = [{"id": "q1", "question": 'What is "GLUE", really?', "label": "DESC"},
+             {"id": "q2", "question": "Who wrote Hamlet, and when?", "label": "HUM"},
+             {"id": "q3", "question": "How far is it from Denver to Aspen ?", "label": "NUM"}]
+TREC_NAMES = ["DESC", "ENTY", "ABBR", "HUM", "NUM", "LOC"]
+
+
+def write_all_formats(tmp_path: Path) -> dict[str, Path]:
+    """The same three rows as quoted CSV, TSV, JSON lines and a JSON array."""
+    import csv
+
+    with open(tmp_path / "trec.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "question", "label"], quoting=csv.QUOTE_ALL)
+        writer.writeheader()
+        writer.writerows(TREC_ROWS)
+    write(tmp_path / "trec.tsv", ["id\tquestion\tlabel"] + [f"{r['id']}\t{r['question']}\t{r['label']}" for r in TREC_ROWS])
+    write(tmp_path / "trec.jsonl", [json.dumps(r) for r in TREC_ROWS])
+    (tmp_path / "trec.json").write_text(json.dumps(TREC_ROWS, indent=2), encoding="utf-8")
+    return {suffix: tmp_path / f"trec.{suffix}" for suffix in ("csv", "tsv", "jsonl", "json")}
+
+
+def test_every_table_format_gives_identical_examples(tmp_path: Path) -> None:
+    files = write_all_formats(tmp_path)
+    loaded = {kind: load_table(path, ["question"], "label", label_names=TREC_NAMES) for kind, path in files.items()}
+    expected = [Example(('What is "GLUE", really?',), 0, 0), Example(("Who wrote Hamlet, and when?",), 3, 1),
+                Example(("How far is it from Denver to Aspen ?",), 4, 2)]
+    for kind, examples in loaded.items():
+        assert examples == expected, kind
+
+
+def test_json_file_may_hold_json_lines_too(tmp_path: Path) -> None:
+    path = write(tmp_path / "lines.json", [json.dumps(r) for r in TREC_ROWS])
+    assert len(load_table(path, ["question"], "label", label_names=TREC_NAMES)) == 3
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("[1, 2]", r"trec.json, item 1: expected a JSON object, got int"),
+    ('[{"question": "a", "label": "DESC"}, {"label": "HUM"}]', r"trec.json, item 2: no column 'question'"),
+    ("[{oops", r"trec.json: invalid JSON at line 1"),
+])
+def test_json_array_errors_name_the_item(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "trec.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(MatekdError, match=message):
+        load_table(path, ["question"], "label", label_names=TREC_NAMES)
+
+
+# --------------------------------------------------------------------------- sources of `matekd eval/predict --data`
+
+
+def _choices(task: str, **kwargs):
+    from matekd_ds.data.sources import column_choices
+
+    return column_choices(get_task(task), None, **kwargs)
+
+
+def test_source_reads_a_headerless_cola_file_and_a_cola_table_with_hub_names(tmp_path: Path) -> None:
+    from matekd_ds.data.sources import read_source
+
+    cola = get_task("cola")
+    write(tmp_path / "in_domain_dev.tsv", ["gj04\t1\t\tThe sailors rode the breeze.", "gj04\t0\t*\tThe more they get get."])
+    write(tmp_path / "mine.tsv", ["sentence\tlabel", "Fine words.\tacceptable", "Words fine the.\t0"])
+    (rows,) = read_source(str(tmp_path / "in_domain_dev.tsv"), cola, _choices("cola"), labeled=True)
+    assert rows.examples == [Example(("The sailors rode the breeze.",), 1, 0), Example(("The more they get get.",), 0, 1)]
+    (rows,) = read_source(str(tmp_path / "mine.tsv"), cola, _choices("cola"), labeled=True)
+    assert [e.label for e in rows.examples] == [1, 0]
+
+
+def test_source_glue_folder_with_only_dev_files(tmp_path: Path) -> None:
+    from matekd_ds.data.sources import read_source
+
+    header = "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2\tlabel1\tgold_label"
+    for split, label in (("dev_matched", "neutral"), ("dev_mismatched", "contradiction")):
+        write(tmp_path / "MNLI" / f"{split}.tsv", [header, f"0\t1\t1\tg\t-\t-\t-\t-\tA.\tB.\t{label}\t{label}"])
+    parts = read_source(str(tmp_path), get_task("mnli"), _choices("mnli"), labeled=True)  # a GLUE root, no train.tsv
+    assert [p.name for p in parts] == [f"{tmp_path}:dev_matched", f"{tmp_path}:dev_mismatched"]
+    assert [p.examples[0].label for p in parts] == [1, 2]
+
+
+def test_source_mrpc_download_columns_and_row_ids(tmp_path: Path) -> None:
+    from matekd_ds.data.sources import read_source
+
+    write(tmp_path / "test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String", '7\t1\t2\tA "quoted\tB.', "9\t3\t4\tC.\tD."])
+    (rows,) = read_source(str(tmp_path / "test.tsv"), get_task("mrpc"), _choices("mrpc"), labeled=False)
+    assert rows.ids == ["7", "9"]
+    assert rows.examples[0].texts == ('A "quoted', "B.")
+
+
+def test_source_names_the_missing_columns_and_what_names_them(tmp_path: Path) -> None:
+    from matekd_ds.data.sources import read_source
+
+    write(tmp_path / "x.csv", ["text,gold", "hi,1"])
+    with pytest.raises(MatekdError, match=r"x.csv, line 2: no columns \[sentence, label\]; columns: text, gold "
+                                          r"\(--text-columns/--label-column name them\)"):
+        read_source(str(tmp_path / "x.csv"), get_task("sst2"), _choices("sst2"), labeled=True)
+    (rows,) = read_source(str(tmp_path / "x.csv"), get_task("sst2"),
+                          _choices("sst2", text_columns=["text"], label_column="gold"), labeled=True)
+    assert rows.examples == [Example(("hi",), 1, 0)]
+
+
+def test_source_hub_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    from matekd_ds.data.sources import read_source
+
+    calls = []
+
+    def load_dataset(path, config, split):
+        calls.append((path, config, split))
+        return [{"sentence": "great", "label": 1, "idx": 5}]
+
+    fake_datasets(monkeypatch, load_dataset)
+    (rows,) = read_source("hub:nyu-mll/glue:sst2:validation", get_task("sst2"), _choices("sst2"), labeled=True)
+    assert calls == [("nyu-mll/glue", "sst2", "validation")]
+    assert rows.examples == [Example(("great",), 1, 0)] and rows.ids == ["5"]
+    with pytest.raises(MatekdError, match=r"write hub:<dataset>\[:<config>\]:<split>"):
+        read_source("hub:imdb", get_task("sst2"), _choices("sst2"), labeled=True)
+
+
+def test_source_hub_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from matekd_ds.data.sources import read_source
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'imdb' on the Hub\nmore")
+
+    fake_datasets(monkeypatch, load_dataset)
+    with pytest.raises(MatekdError, match=r"^could not load hub:imdb:test from the hub: Couldn't reach 'imdb' on the Hub$"):
+        read_source("hub:imdb:test", get_task("sst2"), _choices("sst2"), labeled=True)

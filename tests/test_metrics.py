@@ -13,8 +13,11 @@ from matekd_ds.errors import MatekdError
 from matekd_ds.metrics import (
     METRIC_NAMES,
     accuracy,
+    classification_report,
     compute_metrics,
+    confusion_matrix,
     f1,
+    f1_macro,
     matthews_corrcoef,
     pearson,
     spearman,
@@ -157,3 +160,58 @@ def test_task_metrics_rejects_wrong_logit_shape() -> None:
         task_metrics(get_task("mnli"), np.zeros((5, 2)), LABELS)
     with pytest.raises(MatekdError, match="regression"):
         task_metrics(get_task("stsb"), np.zeros((3, 2)), [1.0, 2.0, 3.0])
+
+
+# Three classes, by hand:
+# labels 0 0 1 1 2 2
+# preds  0 1 1 1 0 2
+# class 0: tp 1, fp 1, fn 1 -> P 1/2, R 1/2, F1 1/2
+# class 1: tp 2, fp 1, fn 0 -> P 2/3, R 1,   F1 4/5
+# class 2: tp 1, fp 0, fn 1 -> P 1,   R 1/2, F1 2/3
+THREE_LABELS = [0, 0, 1, 1, 2, 2]
+THREE_PREDS = [0, 1, 1, 1, 0, 2]
+
+
+def test_confusion_matrix_rows_true_columns_predicted() -> None:
+    assert confusion_matrix(THREE_PREDS, THREE_LABELS, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # a class nobody predicted or has still gets its row and column
+    assert confusion_matrix([0, 0], [0, 0], 3).tolist() == [[2, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_classification_report_hand_case() -> None:
+    report = classification_report(THREE_PREDS, THREE_LABELS, ["a", "b", "c"])
+    assert report["labels"] == ["a", "b", "c"]
+    expected = {"a": (1 / 2, 1 / 2, 1 / 2, 2), "b": (2 / 3, 1.0, 4 / 5, 2), "c": (1.0, 1 / 2, 2 / 3, 2)}
+    for name, (precision, recall, f1_value, support) in expected.items():
+        row = report["per_class"][name]
+        assert row["precision"] == pytest.approx(precision)
+        assert row["recall"] == pytest.approx(recall)
+        assert row["f1"] == pytest.approx(f1_value)
+        assert row["support"] == support
+
+
+def test_classification_report_class_never_predicted_has_zero_precision() -> None:
+    report = classification_report([0, 0, 0], [0, 1, 1], ["x", "y"])
+    assert report["per_class"]["y"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 2}
+
+
+def test_f1_macro_is_the_mean_of_per_class_f1() -> None:
+    assert f1_macro(THREE_PREDS, THREE_LABELS) == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
+    assert compute_metrics(["f1_macro"], THREE_PREDS, THREE_LABELS)["f1_macro"] == pytest.approx(59 / 90)
+    # binary f1 would report class 1 alone: 4/5
+    assert f1(THREE_PREDS, THREE_LABELS) == pytest.approx(4 / 5)
+
+
+def test_binary_f1_on_a_multiclass_custom_task_is_refused() -> None:
+    from matekd_ds.config import config_from_dict
+    from matekd_ds.data.tasks import custom_spec
+
+    def spec(metrics, names):
+        return custom_spec(config_from_dict({"task": "custom", "data": {
+            "train_file": "t.jsonl", "dev_file": "d.jsonl", "label_names": names, "metrics": metrics,
+            "main_metric": metrics[0]}}))
+
+    with pytest.raises(MatekdError, match="f1 is the F1 of class 1 of a binary task; this task has 6 classes: use f1_macro"):
+        spec(["f1"], list("abcdef"))
+    assert spec(["f1_macro"], list("abcdef")).metrics == ("f1_macro",)
+    assert spec(["f1"], ["no", "yes"]).metrics == ("f1",)  # binary: F1 of class 1, as GLUE's

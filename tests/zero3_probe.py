@@ -127,3 +127,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    distributed.shutdown()

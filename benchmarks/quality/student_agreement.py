@@ -11,7 +11,9 @@ did: per student (its best-dev checkpoint), and as mean ± std per method over t
 
     python benchmarks/quality/student_agreement.py runs/minilm-glue/sst2 [--out agreement.json]
 
-Classification tasks only.
+Classification tasks only. The perturbation and the comparison are the product's
+(matekd_ds/robustness.py, what `matekd eval RUN --perturbed` reports for one run); this script
+applies them to every student of an experiment at once, with one shared perturbed copy.
 """
 
 from __future__ import annotations
@@ -22,47 +24,28 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from matekd_ds import models
 from matekd_ds.config import config_from_dict
-from matekd_ds.data.batching import Encoded, collate, encode, model_inputs
+from matekd_ds.data.batching import encode
 from matekd_ds.data.tasks import load_task_data
-from matekd_ds.perturb import Perturber
+from matekd_ds.evaluation import predict
+from matekd_ds.robustness import Perturbation, compare_to_teacher, perturbed_copy
 from matekd_ds.run_dir import RunDir
 
 BATCH = 128
+DEVICE = torch.device("cpu")
 
 
-def dev_batches(dev: Encoded, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    return [collate(dev, list(range(s, min(s + BATCH, len(dev)))), pad_id) for s in range(0, len(dev), BATCH)]
-
-
-@torch.no_grad()
-def perturbed_copies(batches, generator, perturber: Perturber, seed: int) -> list[torch.Tensor]:
-    out = []
-    for k, batch in enumerate(batches):
-        mb = perturber.mask_batch(batch, seed + 2 * k)
-        out.append(perturber.sample_perturbed_ids(generator, mb, seed + 2 * k + 1))
-    return out
-
-
-@torch.no_grad()
-def logits_of(model, batches, ids: list[torch.Tensor] | None = None) -> torch.Tensor:
-    parts = []
-    for k, batch in enumerate(batches):
-        inputs = model_inputs(batch)
-        if ids is not None:
-            inputs = dict(inputs, input_ids=ids[k])
-        parts.append(model(**inputs).logits.float())
-    return torch.cat(parts)
-
-
-def compare(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    kl = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1)
-    return {"acc": float((student.argmax(-1) == labels).float().mean()),
-            "agree": float((student.argmax(-1) == teacher.argmax(-1)).float().mean()),
-            "kl": float(kl.mean())}
+def compare(student, teacher, labels) -> dict[str, float]:
+    """acc against the gold labels, and the product's agreement and KL(teacher || student)
+    (matekd_ds.robustness, what `matekd eval RUN --perturbed` reports)."""
+    student, teacher, labels = (np.asarray(x, dtype=np.float64) for x in (student, teacher, labels))
+    to_teacher = compare_to_teacher(student, teacher, regression=False)
+    return {"acc": float(np.mean(student.argmax(-1) == labels)), "agree": to_teacher["agreement"],
+            "kl": to_teacher["kl"]}
 
 
 def student_runs(task_dir: Path) -> list[Path]:
@@ -103,26 +86,26 @@ def main() -> None:
     warm = RunDir(args.task_dir / "generator").model_dir("generator_warm")
     tokenizer = models.load_tokenizer(str(warm))
     dev = encode(next(iter(data.dev.values())), tokenizer, cfg.data.max_length, False)
-    batches = dev_batches(dev, tokenizer.pad_token_id)
-    labels = torch.cat([b["labels"] for b in batches])
+    labels = np.asarray(dev.labels)
+    pad = tokenizer.pad_token_id
 
     generator = models.load_generator(str(warm), tokenizer).eval()
-    perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, args.mask_prob, cfg.matekd.gumbel_tau)
-    noisy_ids = perturbed_copies(batches, generator, perturber, args.seed)
+    settings = Perturbation(str(warm), args.mask_prob, cfg.matekd.gumbel_tau, args.seed)
+    noisy = perturbed_copy(dev, generator, tokenizer, settings, DEVICE)
     teacher = models.load_classifier("teacher", cfg.models.teacher, data.spec.num_labels, tokenizer, False).eval()
-    teacher_clean, teacher_noisy = logits_of(teacher, batches), logits_of(teacher, batches, noisy_ids)
+    teacher_clean, teacher_noisy = predict(teacher, dev, BATCH, pad, DEVICE), predict(teacher, noisy, BATCH, pad, DEVICE)
 
     per_run: dict[str, dict[str, float]] = {}
     for run in runs:
         student = models.load_classifier("student", str(RunDir(run).model_dir("student_best")), data.spec.num_labels, tokenizer,
                                          False).eval()
-        clean = compare(logits_of(student, batches), teacher_clean, labels)
-        noisy = compare(logits_of(student, batches, noisy_ids), teacher_noisy, labels)
-        per_run[run.name] = {**clean, **{f"{k}_perturbed": v for k, v in noisy.items()}}
+        clean = compare(predict(student, dev, BATCH, pad, DEVICE), teacher_clean, labels)
+        perturbed = compare(predict(student, noisy, BATCH, pad, DEVICE), teacher_noisy, labels)
+        per_run[run.name] = {**clean, **{f"{k}_perturbed": v for k, v in perturbed.items()}}
         print(run.name, json.dumps({k: round(v, 4) for k, v in per_run[run.name].items()}), flush=True)
 
-    teacher_row = {"acc": float((teacher_clean.argmax(-1) == labels).float().mean()),
-                   "acc_perturbed": float((teacher_noisy.argmax(-1) == labels).float().mean())}
+    teacher_row = {"acc": float(np.mean(teacher_clean.argmax(-1) == labels)),
+                   "acc_perturbed": float(np.mean(teacher_noisy.argmax(-1) == labels))}
     table = summarise(per_run)
     keys = list(next(iter(per_run.values())))
     print("\n| method | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))

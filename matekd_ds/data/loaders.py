@@ -310,7 +310,29 @@ def load_glue(
 # --------------------------------------------------------------------------- user tables
 
 
-_TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}
+_TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
+
+
+def table_format(path: str | Path) -> str:
+    """"csv", "tsv", "jsonl" or "json" (a JSON array, or JSON lines) from the file's suffix."""
+    path = Path(path)
+    found = _TABLE_FORMATS.get(path.suffix.lower())
+    if found is None:
+        raise MatekdError(
+            f"unsupported table format {path.suffix!r} for {path}; "
+            f"use one of: {', '.join(_TABLE_FORMATS)}"
+        )
+    return found
+
+
+def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each row of a CSV, TSV, JSON-lines or JSON file as (where, {column: value}); ``where``
+    names the file and line (or, in a JSON array, the item) for error messages."""
+    path = Path(path).expanduser()
+    kind = table_format(path)
+    _require_file(path)
+    read = {"csv": _csv_records, "tsv": _tsv_records, "jsonl": _jsonl_records, "json": _json_records}[kind]
+    return ((f"{path}, {place}", record) for place, record in read(path))
 
 
 def load_table(
@@ -320,33 +342,39 @@ def load_table(
     label_names: Sequence[str] | None = None,
     regression: bool = False,
 ) -> list[Example]:
-    """Read a CSV, TSV or JSON-lines file (chosen by extension) into examples.
+    """Read a CSV, TSV, JSON-lines or JSON-array file (chosen by extension) into examples.
 
     Labels: with ``label_names`` each label is a class name or an index into them; without,
     a non-negative integer; with ``regression`` a float.
     """
     path = Path(path).expanduser()
-    table_format = _TABLE_FORMATS.get(path.suffix.lower())
-    if table_format is None:
-        raise MatekdError(
-            f"unsupported table format {path.suffix!r} for {path}; "
-            f"use one of: {', '.join(_TABLE_FORMATS)}"
-        )
+    table_format(path)
     if not text_columns:
         raise MatekdError(f"no text columns given for {path}")
-    _require_file(path)
-    read_records = {"csv": _csv_records, "tsv": _tsv_records, "jsonl": _jsonl_records}
-    records = read_records[table_format](path)
     examples: list[Example] = []
-    for line_no, record in records:
-        where = f"{path}, line {line_no}"
-        _check_columns(record, (*text_columns, label_column), where)
-        texts = tuple(_parse_text(record[column], column, where) for column in text_columns)
-        label = _parse_label(record[label_column], label_names, regression, where)
-        examples.append(Example(texts, label, len(examples)))
+    for where, record in read_records(path):
+        examples.append(example_from_record(record, where, text_columns, label_column, label_names,
+                                            regression, len(examples)))
     if not examples:
         raise MatekdError(f"{path} has no data rows")
     return examples
+
+
+def example_from_record(
+    record: Mapping[str, Any],
+    where: str,
+    text_columns: Sequence[str],
+    label_column: str | None,
+    label_names: Sequence[str] | None,
+    regression: bool,
+    index: int,
+) -> Example:
+    """One record as an Example; ``label_column`` None: unlabeled (label 0, never scored)."""
+    needed = (*text_columns, label_column) if label_column is not None else tuple(text_columns)
+    _check_columns(record, needed, where)
+    texts = tuple(_parse_text(record[column], column, where) for column in text_columns)
+    label = 0 if label_column is None else _parse_label(record[label_column], label_names, regression, where)
+    return Example(texts, label, index)
 
 
 def _check_columns(record: Mapping[str, Any], needed: Sequence[str], where: str) -> None:
@@ -357,7 +385,7 @@ def _check_columns(record: Mapping[str, Any], needed: Sequence[str], where: str)
         raise MatekdError(f"{where}: no column {names}; columns: {available}")
 
 
-def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
@@ -368,7 +396,7 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
             for fields in reader:
                 if not any(field.strip() for field in fields):
                     continue  # blank line
-                yield reader.line_num, _record(header, fields, path, reader.line_num)
+                yield f"line {reader.line_num}", _record(header, fields, path, reader.line_num)
     except UnicodeDecodeError as error:
         raise MatekdError(
             f"{path} is not valid UTF-8 text: {error.reason} at byte {error.start}"
@@ -377,14 +405,14 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
         raise MatekdError(f"{path}: malformed CSV: {error}") from None
 
 
-def _tsv_records(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def _tsv_records(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     lines = _read_lines(path)
     first = next(lines, None)
     if first is None:
         raise MatekdError(f"{path} is empty; expected a header line")
     header = [name.strip() for name in first[1].split("\t")]
     for line_no, line in lines:
-        yield line_no, _record(header, line.split("\t"), path, line_no)
+        yield f"line {line_no}", _record(header, line.split("\t"), path, line_no)
 
 
 def _record(header: list[str], fields: list[str], path: Path, line_no: int) -> dict[str, str]:
@@ -395,7 +423,7 @@ def _record(header: list[str], fields: list[str], path: Path, line_no: int) -> d
     return dict(zip(header, fields))
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     saw_line = False
     for line_no, line in _read_lines(path):
         saw_line = True
@@ -408,6 +436,22 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 f"{path}, line {line_no}: expected a JSON object per line, "
                 f"got {type(record).__name__}"
             )
-        yield line_no, record
+        yield f"line {line_no}", record
     if not saw_line:
         raise MatekdError(f"{path} is empty")
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A ``.json`` file: one JSON array of objects (as many public sets ship), or JSON lines."""
+    text = "".join(line + "\n" for _, line in _read_lines(path))
+    if not text.lstrip().startswith("["):
+        yield from _jsonl_records(path)
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MatekdError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    for number, record in enumerate(rows, start=1):
+        if not isinstance(record, dict):
+            raise MatekdError(f"{path}, item {number}: expected a JSON object, got {type(record).__name__}")
+        yield f"item {number}", record

@@ -40,12 +40,37 @@ def custom_spec(cfg: RunConfig) -> TaskSpec:
         raise MatekdError(f"data.main_metric '{d.main_metric}' must be one of data.metrics {d.metrics}")
     if not d.regression and not d.label_names:
         raise MatekdError("task: custom needs data.label_names (the classes, in id order) or data.regression: true")
+    if not d.regression and len(d.label_names) > 2 and "f1" in d.metrics:
+        # f1 is the F1 of class 1 (GLUE's binary F1); on more classes it would hide all the others
+        raise MatekdError(f"data.metrics: f1 is the F1 of class 1 of a binary task; this task has "
+                          f"{len(d.label_names)} classes: use f1_macro (the mean F1 over classes)")
     return TaskSpec(
         name="custom", text_keys=tuple(d.text_columns),
         label_names=None if d.regression else tuple(d.label_names),
         metrics=tuple(d.metrics), main_metric=d.main_metric, hub_config="",
         dev_splits=("validation",), tsv_dir_names=(),
     )
+
+
+def task_spec(cfg: RunConfig) -> TaskSpec:
+    """The run's task (labels, metrics), without reading any data."""
+    if cfg.task == "synthetic":
+        return synthetic_spec()
+    if cfg.task == "custom":
+        return custom_spec(cfg)
+    return get_task(cfg.task)
+
+
+def load_dev_sets(cfg: RunConfig) -> dict[str, list[Example]]:
+    """The task's dev split(s), whole (data.max_eval_examples is the caller's to apply), without
+    reading the training set: a GLUE folder with only dev files, or a custom task without
+    data.train_file, is enough."""
+    d, spec = cfg.data, task_spec(cfg)
+    if cfg.task == "synthetic":
+        return {"dev": synthetic.splits(d.synthetic.train_size, d.synthetic.dev_size, d.synthetic.seed)["dev"]}
+    if cfg.task == "custom":
+        return {"dev": load_table(d.dev_file, d.text_columns, d.label_column, d.label_names, d.regression)}
+    return {name: load_glue(spec, name, d.path) for name in glue_split_names(spec) if name != "train"}
 
 
 def _truncate(examples: list[Example], limit: int | None) -> list[Example]:

@@ -1,0 +1,167 @@
+"""`matekd predict MODEL --glue-test DIR --out SUBMISSION`: the GLUE leaderboard's files for the
+model's task, from the test split(s) of a GLUE-format folder (the GLUE download: a GLUE root with
+`SST-2/test.tsv`, `MNLI/test_matched.tsv`, ..., `diagnostic/diagnostic.tsv`, or one task folder).
+
+The rules followed (gluebenchmark.com's submission format, as the GLUE authors' own jiant writes
+it): one TSV per test set, named `CoLA.tsv`, `SST-2.tsv`, `MRPC.tsv`, `STS-B.tsv`, `QQP.tsv`,
+`MNLI-m.tsv`, `MNLI-mm.tsv`, `QNLI.tsv`, `RTE.tsv`, `WNLI.tsv` and `AX.tsv` (the diagnostic set,
+predicted by the MNLI model); a header `index<TAB>prediction`; one row per test example, in the
+test file's order, with that example's `index` (QQP: `id`); predictions in each task's label
+vocabulary of the GLUE download: `entailment`/`not_entailment` for RTE and QNLI,
+`entailment`/`neutral`/`contradiction` for MNLI and AX, `0`/`1` for CoLA, SST-2, MRPC, QQP and
+WNLI (1 = acceptable, positive, equivalent, duplicate, entailment), a score in [0, 5] with three
+decimals for STS-B. The leaderboard wants all eleven files (one zip); run this once per task
+into the same --out folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from matekd_ds import distributed
+from matekd_ds.data.batching import encode
+from matekd_ds.data.glue import TaskSpec
+from matekd_ds.data.sources import Rows, column_choices, read_source
+from matekd_ds.data.tasks import task_spec
+from matekd_ds.errors import MatekdError
+from matekd_ds.evaluation_cli import load_model, load_target_tokenizer, quiet_libraries, resolve_target, target_config
+from matekd_ds.metrics import predictions_from_outputs
+from matekd_ds.predict import score
+
+# task -> the (submission file, test split) pairs it predicts
+SUBMISSION_FILES: dict[str, tuple[tuple[str, str], ...]] = {
+    "cola": (("CoLA.tsv", "test"),),
+    "sst2": (("SST-2.tsv", "test"),),
+    "mrpc": (("MRPC.tsv", "test"),),
+    "stsb": (("STS-B.tsv", "test"),),
+    "qqp": (("QQP.tsv", "test"),),
+    "mnli": (("MNLI-m.tsv", "test_matched"), ("MNLI-mm.tsv", "test_mismatched"), ("AX.tsv", "diagnostic")),
+    "qnli": (("QNLI.tsv", "test"),),
+    "rte": (("RTE.tsv", "test"),),
+    "wnli": (("WNLI.tsv", "test"),),
+}
+ALL_FILES = tuple(name for files in SUBMISSION_FILES.values() for name, _ in files)
+TEXT_LABEL_TASKS = ("mnli", "qnli", "rte")  # the others' GLUE files label classes 0/1
+HEADER = "index\tprediction\n"
+OPTIONAL_SPLITS = ("diagnostic",)  # AX: written when the folder has it, else said on stderr
+
+
+def test_file_candidates(spec: TaskSpec, directory: Path, split: str) -> list[Path]:
+    if split == "diagnostic":  # the GLUE download keeps it beside the task folders
+        return [directory / "diagnostic" / "diagnostic.tsv", directory / "AX" / "test.tsv",
+                directory / "diagnostic.tsv", directory.parent / "diagnostic" / "diagnostic.tsv"]
+    name = f"{split}.tsv"
+    return [directory / name, *(directory / sub / name for sub in (*spec.tsv_dir_names, spec.hub_config))]
+
+
+def find_test_file(spec: TaskSpec, directory: Path, split: str) -> Path | None:
+    return next((p for p in test_file_candidates(spec, directory, split) if p.is_file()), None)
+
+
+def prediction_texts(spec: TaskSpec, outputs: np.ndarray) -> list[str]:
+    """Each output in the task's GLUE label vocabulary."""
+    predictions = predictions_from_outputs(spec, outputs)
+    if spec.is_regression:
+        return [f"{min(max(float(v), 0.0), 5.0):.3f}" for v in predictions]
+    if spec.name in TEXT_LABEL_TASKS:
+        return [spec.label_names[int(c)] for c in predictions]
+    return [str(int(c)) for c in predictions]
+
+
+def submission_text(ids: list[str], predictions: list[str]) -> str:
+    return HEADER + "".join(f"{i}\t{p}\n" for i, p in zip(ids, predictions))
+
+
+@dataclass
+class SubmissionRequest:
+    target: str
+    test_dir: Path
+    out: Path
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TestSet:
+    file_name: str
+    path: Path
+    rows: Rows
+
+
+def _test_sets(spec: TaskSpec, test_dir: Path) -> list[TestSet]:
+    if spec.name not in SUBMISSION_FILES:
+        raise MatekdError(f"--glue-test: the model's task is {spec.name}, not a GLUE task")
+    if not test_dir.is_dir():
+        raise MatekdError(f"--glue-test {test_dir}: no such folder")
+    choices = column_choices(spec, None)
+    sets = []
+    for file_name, split in SUBMISSION_FILES[spec.name]:
+        path = find_test_file(spec, test_dir, split)
+        if path is None:
+            if split in OPTIONAL_SPLITS:
+                if distributed.is_main():
+                        print(f"[matekd] {file_name} not written: no diagnostic/diagnostic.tsv in {test_dir}",
+                          file=sys.stderr)
+                continue
+            tried = ", ".join(str(p) for p in test_file_candidates(spec, test_dir, split))
+            raise MatekdError(f"--glue-test: no {spec.name} {split} file; looked for: {tried}")
+        sets.append(TestSet(file_name, path, read_source(str(path), spec, choices, labeled=False)[0]))
+    return sets
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise MatekdError(f"--out {out} is a file; --glue-test writes a folder")
+    parent = out.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MatekdError(f"--out {out}: the folder {parent} does not exist or is not writable")
+
+
+def write_files(out: Path, files: dict[str, str]) -> None:
+    """Each file whole or absent: written into a staging folder beside `out`, then renamed into
+    `out` (which is created the same way when it does not exist)."""
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        if not out.exists():
+            os.replace(staging, out)
+            return
+        for name in files:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_submission(request: SubmissionRequest) -> dict[str, Any] | None:
+    """Predict every test set of the model's task and write its leaderboard file(s) (rank 0)."""
+    quiet_libraries()
+    target = resolve_target(request.target)
+    cfg = target_config(target, request.config, request.overrides)
+    spec = task_spec(cfg)
+    _check_out_dir(request.out)
+    sets = _test_sets(spec, request.test_dir)
+    tokenizer = load_target_tokenizer(target)
+    model = load_model("model", target.model, spec, tokenizer, cfg.data.max_length)
+    encoded = {s.file_name: encode(s.rows.examples, tokenizer, cfg.data.max_length, spec.is_regression) for s in sets}
+    distributed.init()  # after every input check
+    files = {}
+    for test in sets:
+        outputs = score(model, encoded[test.file_name], cfg.eval.batch_size, tokenizer.pad_token_id)
+        files[test.file_name] = submission_text(test.rows.ids, prediction_texts(spec, outputs))
+    if not distributed.is_main():
+        return None
+    write_files(request.out, files)
+    present = [name for name in ALL_FILES if (request.out / name).is_file()]
+    return {"model": target.model, "task": spec.name, "out": str(request.out),
+            "written": {s.file_name: {"from": str(s.path), "rows": len(s.rows.ids)} for s in sets},
+            "submission_files": present, "missing_for_a_full_submission": [n for n in ALL_FILES if n not in present]}

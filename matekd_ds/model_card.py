@@ -1,0 +1,228 @@
+"""The model card (`README.md` in `student/` and `student_best/`), in the Hugging Face model-card
+layout: YAML metadata (pipeline, tags, datasets, a `model-index` with the dev results), then
+the task, method, teacher, data, hyper-parameters, dev metrics and, once `matekd eval RUN
+--perturbed` has measured them, robustness metrics.
+
+Everything comes from the run directory (config.yaml, metrics.json, robustness.json), so a card
+can be written at any time and rewritten when more is known: at each export, at the end of
+training, after a robustness evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from matekd_ds.config import RunConfig, config_from_dict, read_config_file
+from matekd_ds.data.glue import GLUE_HUB_PATH, TaskSpec
+from matekd_ds.data.tasks import task_spec
+from matekd_ds.errors import MatekdError
+
+CARD = "README.md"
+ROBUSTNESS = "robustness.json"  # in the run directory, written by `matekd eval RUN --perturbed`
+CARDED_EXPORTS = ("student", "student_best")
+METHOD_NAMES = {"ft": "fine-tuning on the labels", "kd": "knowledge distillation (Hinton et al., 2015)",
+                "matekd": "MATE-KD (Rashid et al., ACL 2021): knowledge distillation with masked adversarial text"}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def run_config(run_path: Path) -> RunConfig | None:
+    """The run's config, or None when it has none (or an unreadable one)."""
+    try:
+        return config_from_dict(read_config_file(run_path / "config.yaml"))
+    except (OSError, MatekdError):
+        return None
+
+
+def label_names(run_path: Path) -> list[str] | None:
+    """The class names of the run's task (None: regression, or no readable config)."""
+    cfg = run_config(run_path)
+    if cfg is None:
+        return None
+    try:
+        names = task_spec(cfg).label_names
+    except MatekdError:
+        return None
+    return list(names) if names else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The card's parts
+
+
+def _dataset(cfg: RunConfig, spec: TaskSpec) -> dict[str, Any]:
+    if cfg.task == "synthetic":
+        return {"name": "matekd-ds synthetic sentiment", "type": "synthetic", "split": "dev"}
+    if cfg.task == "custom":
+        return {"name": f"custom ({Path(cfg.data.dev_file or 'dev').name})", "type": "custom", "split": "dev"}
+    return {"name": f"GLUE {spec.name.upper()}", "type": GLUE_HUB_PATH, "config": spec.hub_config,
+            "split": "validation"}
+
+
+def _data_source(cfg: RunConfig) -> str:
+    d = cfg.data
+    if cfg.task == "synthetic":
+        return (f"the built-in procedural sentiment task ({d.synthetic.train_size} training, {d.synthetic.dev_size} dev "
+                f"examples, seed {d.synthetic.seed})")
+    if cfg.task == "custom":
+        return f"training file `{d.train_file}`, dev file `{d.dev_file}` (text {list(d.text_columns)}, label `{d.label_column}`)"
+    return f"GLUE TSV folder `{d.path}`" if d.path else f"the hub dataset `{GLUE_HUB_PATH}` ({cfg.task})"
+
+
+def _limits(cfg: RunConfig) -> str:
+    parts = [f"first {n} {what} examples" for n, what in ((cfg.data.max_train_examples, "training"),
+                                                          (cfg.data.max_eval_examples, "dev")) if n]
+    return "; ".join(parts)
+
+
+def _teacher(cfg: RunConfig, metrics: dict[str, Any]) -> str:
+    if cfg.method == "ft" and cfg.models.student_init_from_teacher_layers is None:
+        return "none (fine-tuned on the labels only)"
+    epochs = cfg.models.teacher_finetune_epochs or 0
+    tuned = f", fine-tuned in this run for {epochs:g} epochs at lr {cfg.models.teacher_finetune_lr:g}" if epochs else ""
+    params = (metrics.get("teacher") or {}).get("params")
+    size = f", {params / 1e6:.2f}M parameters" if params else ""
+    return f"`{cfg.models.teacher}`{tuned}{size}"
+
+
+def hyper_parameters(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    t = cfg.train
+    length = {"max_steps": t.max_steps} if t.max_steps is not None else {"epochs": t.epochs}
+    out: dict[str, Any] = {
+        "method": cfg.method, **length,
+        "global batch size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+        "learning rate": t.lr, "warm-up ratio": t.warmup_ratio, "weight decay": t.weight_decay,
+        "gradient clipping": t.clip, "max sequence length": cfg.data.max_length, "seed": t.seed,
+    }
+    if cfg.method == "kd":
+        out.update({"kd alpha": cfg.kd.alpha, "kd temperature": cfg.kd.temperature})
+    if cfg.method == "matekd":
+        m = cfg.matekd
+        out.update({"mask probability": m.mask_prob, "gumbel tau": m.gumbel_tau, "temperature": m.temperature,
+                    "generator steps / student steps": f"{m.generator_steps} / {m.student_steps}",
+                    "generator learning rate": m.generator_lr,
+                    "loss weights (CE, div clean, div perturbed)": [round(w, 4) for w in m.loss_weights],
+                    "generator MLM warm-up steps": m.generator_mlm_warmup_steps})
+    return out
+
+
+def _dev(metrics: dict[str, Any], export: str) -> tuple[str, dict[str, dict[str, float]] | None]:
+    if export == "student_best" and metrics.get("best"):
+        return f"best evaluation (step {metrics['best'].get('step')})", metrics["best"].get("dev")
+    if metrics.get("final"):
+        return "end of training", metrics["final"]
+    return "not recorded yet", None
+
+
+def _metric_rows(dev: dict[str, dict[str, float]]) -> list[str]:
+    return [f"| {split} | {name} | {value:.4f} |" for split, values in dev.items()
+            for name, value in values.items() if name != "main"]
+
+
+def _model_index(name: str, cfg: RunConfig, spec: TaskSpec, dev: dict[str, dict[str, float]] | None) -> list[dict]:
+    metrics = [{"type": metric, "value": round(float(value), 4), "name": f"dev {metric} ({split})"}
+               for split, values in (dev or {}).items() for metric, value in values.items() if metric != "main"]
+    task = {"type": "text-classification", "name": "Text Classification"}
+    return [{"name": name, "results": [{"task": task, "dataset": _dataset(cfg, spec), "metrics": metrics}]}]
+
+
+def _robustness_section(robust: dict[str, Any]) -> list[str]:
+    if not robust:
+        return []
+    settings = robust.get("settings", {})
+    lines = ["## Robustness", "",
+             f"Dev text perturbed the MATE-KD way: {settings.get('mask_prob')} of the real tokens masked and filled in "
+             f"by the generator `{settings.get('generator')}` (Gumbel tau {settings.get('tau')}, seed {settings.get('seed')}); "
+             "measured by `matekd eval RUN --perturbed`.", "",
+             "| data | model | metric | clean | perturbed |", "|---|---|---|---|---|"]
+    for split, report in robust.get("splits", {}).items():
+        for who in ("model", "teacher"):
+            for metric, clean in report["clean"].get(who, {}).items():
+                if metric != "main":
+                    perturbed = report["perturbed"][who][metric]
+                    shown = "student" if who == "model" else "teacher"
+                    lines.append(f"| {split} | {shown} | {metric} | {clean:.4f} | {perturbed:.4f} |")
+        for metric in ("agreement", "kl", "mse_to_teacher"):
+            if metric in report["clean"]:
+                lines.append(f"| {split} | student vs teacher | {metric} | {report['clean'][metric]:.4f} | "
+                             f"{report['perturbed'][metric]:.4f} |")
+    return lines + [""]
+
+
+def render(run_path: Path, export: str) -> str:
+    """The card of `<run>/<export>` from what the run directory holds now."""
+    cfg = run_config(run_path)
+    if cfg is None:
+        raise MatekdError(f"{run_path}: no readable config.yaml to describe the model with")
+    spec = task_spec(cfg)
+    metrics = read_json(run_path / "metrics.json")
+    world = int(metrics.get("world_size", 1))
+    name = f"{run_path.name}-{export}"
+    when, dev = _dev(metrics, export)
+    meta = {"library_name": "transformers", "pipeline_tag": "text-classification",
+            "tags": ["text-classification", "knowledge-distillation", cfg.method, "matekd-ds"],
+            **({"datasets": [GLUE_HUB_PATH]} if cfg.task not in ("synthetic", "custom") else {}),
+            "model-index": _model_index(name, cfg, spec, dev)}
+    labels = ", ".join(spec.label_names) if spec.label_names else "a regression score"
+    student_params = (metrics.get("student") or {}).get("params")
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
+             f"A student model for **{spec.name}** ({labels}), trained by matekd-ds on DeepSpeed with "
+             f"{METHOD_NAMES[cfg.method]}.", "",
+             "## Model description", "", "| | |", "|---|---|",
+             f"| task | `{spec.name}`: {labels} |", f"| method | `{cfg.method}` |",
+             f"| teacher | {_teacher(cfg, metrics)} |",
+             f"| student initialised from | `{cfg.models.student}`"
+             + (f" (teacher layers {cfg.models.student_init_from_teacher_layers})" if cfg.models.student_init_from_teacher_layers else "")
+             + " |"]
+    if cfg.method == "matekd":
+        lines.append(f"| generator | `{cfg.models.generator}` |")
+    if student_params:
+        lines.append(f"| parameters | {student_params / 1e6:.2f}M |")
+    lines += ["", "## Training data", "", f"- {_data_source(cfg)}"]
+    if _limits(cfg):
+        lines.append(f"- limited to the {_limits(cfg)}")
+    lines += ["", "## Training procedure", "", "| hyper-parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in hyper_parameters(cfg, world).items()]
+    lines += ["", f"Precision: {metrics.get('dtype', cfg.train.dtype)}; {world} rank(s).", "",
+              "## Evaluation results", "", f"Dev set, {when}.", ""]
+    if dev:
+        lines += ["| data | metric | value |", "|---|---|---|", *_metric_rows(dev)]
+    teacher_dev = (metrics.get("teacher") or {}).get("dev")
+    if teacher_dev:
+        lines += ["", "The teacher on the same dev set:", "", "| data | metric | value |", "|---|---|---|",
+                  *_metric_rows(teacher_dev)]
+    lines += ["", *_robustness_section(read_json(run_path / ROBUSTNESS))]
+    lines += ["## How to use", "", "```python",
+              "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+              f'model = AutoModelForSequenceClassification.from_pretrained("{export}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{export}")', "```", "",
+              f"or `matekd predict {export} --data FILE --out predictions.tsv`; "
+              f"`matekd eval {export} --data FILE` scores a labeled file.", ""]
+    return "\n".join(lines)
+
+
+def write_card(run_path: Path, export: str, folder: Path | None = None) -> None:
+    """README.md of `<run>/<export>` (or of `folder`, a model being exported), written beside
+    and renamed into place."""
+    folder = folder or run_path / export
+    tmp = folder / (CARD + ".tmp")
+    tmp.write_text(render(run_path, export))
+    os.replace(tmp, folder / CARD)
+
+
+def refresh_cards(run_path: Path) -> None:
+    """Rewrite the card of every carded export the run has (after training, after a robustness
+    evaluation)."""
+    for export in CARDED_EXPORTS:
+        if (run_path / export / "config.json").is_file():
+            write_card(run_path, export)
