@@ -39,7 +39,10 @@ RESULTS = REPO / "benchmarks" / "results"
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        tracked = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                 capture_output=True, text=True, timeout=10)
+        # "+dirty": the result was measured on uncommitted changes to tracked files on top of HEAD
+        return (out.stdout.strip() or "unknown") + ("+dirty" if tracked.stdout.strip() else "")
     except Exception:  # noqa: BLE001 - no git, not a checkout: the result still gets written
         return "unknown"
 

@@ -116,6 +116,8 @@ def build_engine(model: nn.Module, spec: EngineSpec, single_rank_fast_path: bool
     )
     if single_rank and engine.zero_optimization_stage() == 0:
         skip_single_rank_allreduce(engine)
+        if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+            keep_gradient_norm(engine)
     return engine
 
 
@@ -139,8 +141,8 @@ def single_rank_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
 
 def skip_single_rank_allreduce(engine) -> None:
     """A ZeRO-0 engine reduces gradients after each backward at an accumulation boundary: it
-    flattens them into buffers, all-reduces over the one rank, divides by 1 and copies them back
-    (about 85 ms of a cpu-small student step). At world size 1 all that changes is that a trained
+    flattens them into buffers, all-reduces over the one rank, divides by 1 and copies them back,
+    two passes over every gradient per step. At world size 1 all that changes is that a trained
     parameter without a gradient gets a zero one, so AdamW still applies its momentum and weight
     decay: do only that. Clipping, loss scaling and accumulation live in backward/step, untouched."""
     def fill_missing_gradients(*args, **kwargs) -> None:
@@ -153,6 +155,19 @@ def skip_single_rank_allreduce(engine) -> None:
                     param.grad = torch.zeros_like(param)
 
     engine.allreduce_gradients = fill_missing_gradients
+
+
+def keep_gradient_norm(engine) -> None:
+    """An fp32 ZeRO-0 engine clips with DeepSpeed's clip_grad_norm_ but drops the norm it
+    returns, so get_global_grad_norm() is None where the ZeRO-1/2 engine it stands in for reported
+    one (the trainer's health check reads it): the same clipping, keeping the norm."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def build_teacher_engine(model: nn.Module, ds_config: dict[str, Any]):

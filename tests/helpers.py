@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -137,6 +138,8 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, ranks: int = 1,
         port = str(distributed._free_port())
         ds = str(Path(sys.executable).parent / "deepspeed")  # this environment's launcher
         command = [ds, "--num_gpus", str(ranks), "--master_port", port, *(target if script else ["--module", *target])]
+    if ranks > 1:  # as torchrun does: one OpenMP thread per CPU rank, or 2 ranks x 2 threads fight over 2 cores
+        env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)), **(env or {})}
     return subprocess.run(command, cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -156,7 +159,7 @@ def run_launcher(script: str, args: list[str], cwd: Path, env: dict | None = Non
     import os
 
     bin_dir = str(Path(sys.executable).parent)
-    full_env = child_env({"MASTER_PORT": str(distributed._free_port()),
+    full_env = child_env({"MASTER_PORT": str(distributed._free_port()), "OMP_NUM_THREADS": "1",
                           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(env or {})})
     return subprocess.run(["bash", str(REPO / "launch" / script), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)

@@ -24,7 +24,8 @@ def two_nodes(args_per_node: list[list[str]], cwd: Path, env: dict | None = None
     torchrun = str(Path(sys.executable).parent / "torchrun")
     procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rehearsal",
-                               "-m", "matekd_ds", *args], cwd=cwd, env=child_env(env), stdout=subprocess.PIPE,
+                               "-m", "matekd_ds", *args], cwd=cwd, env=child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for node, args in enumerate(args_per_node)]
     results = []
