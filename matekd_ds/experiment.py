@@ -4,20 +4,30 @@ Per task, in order:
   1. the teacher: fine-tuned once (a `matekd train method=ft` run of the teacher model), or a
      fine-tuned checkpoint given in the spec;
   2. the generator: warmed up once with MLM on the task's text (`matekd warmup-generator`), if
-     the spec asks for it; every MATE-KD seed then starts from the same warmed generator;
-  3. the students: every method x seed, each its own `matekd train` run directory.
+     the spec asks for it; every MATE-KD seed then starts from the same warmed generator. It
+     reads the text the teacher was fine-tuned on: the teacher.finetune `data` overrides apply
+     to the warm-up too (not the students' smaller transfer sets);
+  3. the students: every method x seed, each its own `matekd train` run directory; with
+     `transfer_sizes`, every method x seed x size N, each distilled on the first N training
+     examples (data.max_train_examples = N: nested sets, 500 of them inside the 1000) in
+     <out>/<task>/n<N>/<method>-seed<k>, while teacher and generator are prepared once per task.
 
 Each run is a separate process (optionally under a launcher such as `deepspeed --num_gpus 8`),
-logs to <out>/<task>/logs/<run>.log, and is skipped when its metrics.json says "completed", so
-rerunning the same command resumes an interrupted sweep (an interrupted run continues from its
-checkpoint). At the end: <out>/results.json (task -> method -> per-seed best dev main metric, in
-percent), results.md (mean ± std), details.json (teacher scores, curves, wall times) and
-dev_curves.png.
+logs to logs/<run>.log beside its run directory, and is skipped when its metrics.json says
+"completed", so rerunning the same command resumes an interrupted sweep (an interrupted run
+continues from its checkpoint). Order: teachers and generators first, then seed by seed (within a
+seed, smaller transfer sets first), so that a sweep cut short still covers every task. At the
+end: <out>/results.json (task -> method -> per-seed best dev main metric, in percent),
+results.md (mean ± std, and the students' mean training time), details.json (teacher scores,
+curves, times) and dev_curves.png. With `transfer_sizes`, each task and size is its own row,
+`<task>@<N>` (sst2@1000), every size of a task with the same teacher.
 
 Spec (YAML):
     output_dir: runs/minilm-glue
     report_dir: runs/minilm-glue      # optional; where results.* go (default: output_dir)
     tasks: {sst2: {data: {path: ../shared/data/glue/SST-2, max_train_examples: 2000}}, ...}
+           # the key names the task's directory and report row, and is the run config's `task`
+           # unless its overrides say otherwise: subj: {task: custom, data: {train_file: ...}}
     methods: [ft, kd, matekd]
     seeds: [1, 2, 3]
     base: {...}                       # run-config keys shared by every run
@@ -25,6 +35,8 @@ Spec (YAML):
     teacher: {model: PATH, finetune: {...run-config keys of the teacher's ft run...}}
              # or finetuned: {sst2: PATH, ...} to skip fine-tuning
     generator: {model: PATH, mlm_warmup: {matekd: {generator_mlm_warmup_steps: 300}}}
+    transfer_sizes: [500, 1000, 2000] # optional; students per size, e.g. with a teacher trained
+                                      # on everything: teacher.finetune.data.max_train_examples: null
 """
 
 from __future__ import annotations
@@ -47,7 +59,8 @@ from matekd_ds.config import METHODS, config_from_dict, merge, read_config_file
 from matekd_ds.errors import MatekdError
 from matekd_ds.run_dir import RunDir
 
-SPEC_KEYS = {"output_dir", "report_dir", "tasks", "methods", "seeds", "base", "method_overrides", "teacher", "generator"}
+SPEC_KEYS = {"output_dir", "report_dir", "tasks", "methods", "seeds", "base", "method_overrides", "teacher", "generator",
+             "transfer_sizes"}
 # Lines of a run's output worth echoing while it runs: evaluations, phase starts, errors.
 ECHO_MARKERS = ("] step ", "fine-tuning for", "warm-up for", "] matekd for", "] kd for", "] ft for",
                 "error", "Error", "Traceback")
@@ -55,7 +68,7 @@ ECHO_MARKERS = ("] step ", "fine-tuning for", "warm-up for", "] matekd for", "] 
 
 @dataclass
 class Run:
-    task: str
+    task: str  # the spec's task name (its key in `tasks`); the run config's `task` is in config
     name: str  # "teacher", "generator", or "<method>-seed<k>"
     kind: str  # "teacher", "generator" or "student"
     config: dict[str, Any]
@@ -64,10 +77,16 @@ class Run:
     method: str | None = None
     seed: int | None = None
     needs: list[str] = field(default_factory=list)  # names of runs of the same task this one needs
+    size: int | None = None  # a student's transfer-set size (spec transfer_sizes), else None
 
     @property
     def label(self) -> str:
-        return f"{self.task}/{self.name}"
+        return f"{self.task}/{self.name}" if self.size is None else f"{self.task}/n{self.size}/{self.name}"
+
+    @property
+    def report_task(self) -> str:
+        """The report row this run's scores go to: the task, or `<task>@<N>` for a transfer set."""
+        return self.task if self.size is None else f"{self.task}@{self.size}"
 
     def completed(self) -> bool:
         return RunDir(self.run_dir).status() == "completed"
@@ -115,7 +134,22 @@ def read_spec(path: str | Path) -> dict[str, Any]:
         raise MatekdError(f"experiment spec {path}: teacher needs 'model' (fine-tuned per task) or 'finetuned' paths")
     if any(base_method(m, overrides) == "matekd" for m in methods) and not (spec.get("generator") or {}).get("model"):
         raise MatekdError(f"experiment spec {path}: method matekd needs generator.model")
+    if spec.get("transfer_sizes") is not None:
+        _check_transfer_sizes(spec["transfer_sizes"], path)
     return spec
+
+
+def _check_transfer_sizes(sizes: Any, path: str | Path) -> None:
+    where = f"experiment spec {path}: 'transfer_sizes'"
+    if not isinstance(sizes, list) or not sizes:
+        raise MatekdError(f"{where} must be a non-empty list of training-set sizes, got {sizes!r}")
+    for size in sizes:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise MatekdError(f"{where} must hold integers (numbers of training examples), got {size!r}")
+        if size <= 0:
+            raise MatekdError(f"{where} must hold positive sizes, got {size}")
+        if sizes.count(size) > 1:
+            raise MatekdError(f"{where} lists {size} more than once")
 
 
 def base_method(name: str, method_overrides: dict[str, Any]) -> str:
@@ -133,9 +167,12 @@ def plan(spec: dict[str, Any]) -> list[Run]:
     base = spec.get("base") or {}
     method_overrides = spec.get("method_overrides") or {}
     teacher, generator = spec["teacher"], spec.get("generator") or {}
+    teacher_data = {"data": (teacher.get("finetune") or {}).get("data") or {}}
+    sizes: list[int | None] = sorted(spec.get("transfer_sizes") or []) or [None]
     runs: list[Run] = []
     for task, task_overrides in spec["tasks"].items():
-        common = merge(merge(base, task_overrides or {}), {"task": task})
+        # the key is the config's task unless the overrides name one (task: custom)
+        common = merge(merge(base, {"task": task}), task_overrides or {})
         task_dir = out / task
         finetuned = (teacher.get("finetuned") or {}).get(task)
         needs: list[str] = []
@@ -154,27 +191,34 @@ def plan(spec: dict[str, Any]) -> list[Run]:
         student_needs = list(needs)
         uses_generator = any(base_method(m, method_overrides) == "matekd" for m in spec["methods"])
         if uses_generator and generator.get("mlm_warmup"):
-            warm_cfg = merge(merge(merge(common, method_overrides.get("matekd") or {}), generator["mlm_warmup"]), {
+            # all the text the teacher saw, not a student's transfer set
+            warm_cfg = merge(merge(merge(merge(common, method_overrides.get("matekd") or {}), teacher_data),
+                                   generator["mlm_warmup"]), {
                 "method": "matekd", **_models(teacher=teacher_path, generator=generator_path, teacher_finetune_epochs=0)})
             runs.append(Run(task, "generator", "generator", warm_cfg, task_dir / "generator",
                             command="warmup-generator", needs=list(needs)))
             generator_path = str(RunDir(task_dir / "generator").model_dir("generator_warm"))
-        for name in spec["methods"]:
-            method = base_method(name, method_overrides)
-            for seed in spec["seeds"]:
-                cfg = merge(merge(common, method_overrides.get(name) or {}), {
-                    "method": method, "train": {"seed": seed},
-                    **_models(teacher=teacher_path, teacher_finetune_epochs=0,
-                              **({"generator": generator_path} if generator_path else {})),
-                })
-                if method == "matekd":
-                    cfg = merge(cfg, {"matekd": {"generator_mlm_warmup_steps": 0}})
-                run_needs = student_needs + (["generator"] if method == "matekd" and generator.get("mlm_warmup") else [])
-                runs.append(Run(task, f"{name}-seed{seed}", "student", cfg, task_dir / f"{name}-seed{seed}",
-                                method=name, seed=seed, needs=run_needs))
-    # Preparation first; then seed by seed, so that a sweep cut short still covers every task.
+        for size in sizes:
+            students_dir = task_dir if size is None else task_dir / f"n{size}"
+            for name in spec["methods"]:
+                method = base_method(name, method_overrides)
+                for seed in spec["seeds"]:
+                    cfg = merge(merge(common, method_overrides.get(name) or {}), {
+                        "method": method, "train": {"seed": seed},
+                        **_models(teacher=teacher_path, teacher_finetune_epochs=0,
+                                  **({"generator": generator_path} if generator_path else {})),
+                    })
+                    if method == "matekd":
+                        cfg = merge(cfg, {"matekd": {"generator_mlm_warmup_steps": 0}})
+                    if size is not None:  # the first N examples: the smaller sets lie inside the larger
+                        cfg = merge(cfg, {"data": {"max_train_examples": size}})
+                    run_needs = student_needs + (["generator"] if method == "matekd" and generator.get("mlm_warmup") else [])
+                    runs.append(Run(task, f"{name}-seed{seed}", "student", cfg, students_dir / f"{name}-seed{seed}",
+                                    method=name, seed=seed, needs=run_needs, size=size))
+    # Preparation first; then seed by seed (smaller transfer sets first), so that a sweep cut
+    # short still covers every task.
     order = {seed: i for i, seed in enumerate(spec["seeds"])}
-    runs.sort(key=lambda r: (r.kind == "student", order.get(r.seed, -1)))
+    runs.sort(key=lambda r: (r.kind == "student", order.get(r.seed, -1), r.size or 0))
     for run in runs:
         run.config = merge(run.config, {"output": {"dir": str(run.run_dir)}, "logging": {"progress": False}})
         try:
@@ -288,21 +332,37 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def report_rows(runs: list[Run]) -> dict[str, list[str]]:
+    """Task -> its report rows: the task itself, or `<task>@<N>` per transfer size, smaller first."""
+    sizes: dict[str, set[int | None]] = {}
+    for run in runs:
+        sizes.setdefault(run.task, set())
+        if run.kind == "student":
+            sizes[run.task].add(run.size)
+    return {task: [task if n is None else f"{task}@{n}" for n in sorted(found, key=lambda n: n or 0)] or [task]
+            for task, found in sizes.items()}
+
+
 def collect(runs: list[Run]) -> dict[str, Any]:
-    """Per task: the metric, the teacher's score, each method's per-seed best and final dev
-    main metric (percent) with its dev curve, and wall-clock times."""
-    tasks: dict[str, Any] = {}
+    """Per report row (a task, or a task and transfer size): the metric, the teacher's score, each
+    method's per-seed best and final dev main metric (percent) with its dev curve and training
+    time, and wall-clock time: the row's student runs plus its task's teacher and generator runs,
+    which every size of the task shares."""
+    rows = report_rows(runs)
+    tasks: dict[str, Any] = {row: {"metric": None, "teacher": None, "methods": {}, "wall_seconds": 0.0}
+                             for task_rows in rows.values() for row in task_rows}
     for run in runs:
         metrics = RunDir(run.run_dir).read_metrics()
-        task = tasks.setdefault(run.task, {"metric": None, "teacher": None, "methods": {}, "wall_seconds": 0.0})
         if metrics.get("status") != "completed":
             continue
+        if run.kind != "student":  # the preparation of every row of the task
+            for row in rows[run.task]:
+                tasks[row]["wall_seconds"] += metrics.get("wall_seconds", 0.0)
+                if run.kind == "generator":
+                    tasks[row]["generator_warmup"] = metrics.get("generator_warmup")
+            continue
+        task = tasks[run.report_task]
         task["wall_seconds"] += metrics.get("wall_seconds", 0.0)
-        if run.kind == "generator":
-            task["generator_warmup"] = metrics.get("generator_warmup")
-            continue
-        if run.kind == "teacher":
-            continue
         task["metric"] = metrics["metric"]
         if "teacher" in metrics:
             task["teacher"] = 100 * _first_split(metrics["teacher"]["dev"])["main"]
@@ -355,6 +415,32 @@ def results_table(tasks: dict[str, Any], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+def training_time_table(tasks: dict[str, Any], methods: list[str]) -> str | None:
+    """Mean training time of a student run per method and row, from what collect() recorded
+    (metrics.json throughput.train_seconds); None when no entry has it."""
+    names = list(tasks)
+    lines = ["| method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    found = False
+    for method in methods:
+        cells = []
+        for t in names:
+            seconds = (tasks[t]["methods"].get(method) or {}).get("train_seconds")
+            found = found or bool(seconds)
+            cells.append(_duration(statistics.mean(seconds)) if seconds else "–")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if found else None
+
+
+def finished_wall_seconds(runs: list[Run]) -> float:
+    """Wall-clock time of the finished runs, each counted once (rows of one task share its teacher)."""
+    total = 0.0
+    for run in runs:
+        metrics = RunDir(run.run_dir).read_metrics()
+        if metrics.get("status") == "completed":
+            total += metrics.get("wall_seconds", 0.0)
+    return total
+
+
 def plot_curves(tasks: dict[str, Any], methods: list[str], path: Path) -> bool:
     try:
         import matplotlib
@@ -401,15 +487,20 @@ def write_report(spec: dict[str, Any], runs: list[Run]) -> Path:
     (out / "details.json").write_text(json.dumps(tasks, indent=2) + "\n")
     table = results_table(tasks, methods)
     plotted = plot_curves(tasks, methods, out / "dev_curves.png")
-    wall = sum(t["wall_seconds"] for t in tasks.values())
+    wall = finished_wall_seconds(runs)
     text = [
         "Best dev score of each student run (percent; accuracy, F1 for MRPC, Pearson for STS-B), "
         "mean ± sample std over seeds.",
         "",
         table,
         "",
-        f"Wall-clock time of the finished runs: {_duration(wall)}.",
     ]
+    times = training_time_table(tasks, methods)
+    if times:
+        caption = ("Mean training time of a student run (its training steps, without start-up and "
+                   "evaluation; details.json train_seconds):")
+        text += [caption, "", times, ""]
+    text.append(f"Wall-clock time of the finished runs: {_duration(wall)}.")
     if plotted:
         text += ["", "Dev curves (mean ± std over seeds): dev_curves.png"]
     (out / "results.md").write_text("\n".join(text) + "\n")

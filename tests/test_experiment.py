@@ -7,6 +7,8 @@ import yaml
 from helpers import run_cli
 
 from matekd_ds import experiment
+from matekd_ds.config import config_from_dict, merge
+from matekd_ds.data.tasks import load_task_data
 from matekd_ds.errors import MatekdError
 
 TINY = {
@@ -42,12 +44,18 @@ def _spec(tmp_path, **changes):
     ({"generator": {}}, "needs generator.model"),
     ({"base": {"train": {"lrr": 1}}}, "unknown config key 'train.lrr'"),
     ({"teacher": {"model": "${MATEKD_TEST_UNSET_VARIABLE}"}}, "is not set"),
+    ({"transfer_sizes": 1000}, "'transfer_sizes' must be a non-empty list"),
+    ({"transfer_sizes": []}, "'transfer_sizes' must be a non-empty list"),
+    ({"transfer_sizes": [500, "1k"]}, "'transfer_sizes' must hold integers"),
+    ({"transfer_sizes": [500, 2.5]}, "'transfer_sizes' must hold integers"),
+    ({"transfer_sizes": [0, 500]}, "'transfer_sizes' must hold positive sizes, got 0"),
+    ({"transfer_sizes": [500, 1000, 500]}, "'transfer_sizes' lists 500 more than once"),
 ])
 def test_bad_specs_are_refused_before_anything_runs(tmp_path, changes, fragment):
     path = _spec(tmp_path, **changes)
     with pytest.raises(MatekdError, match=None) as err:
         experiment.plan(experiment.read_spec(path))
-    assert fragment in str(err.value)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "sweep").exists()
 
 
@@ -69,6 +77,96 @@ def test_plan_prepares_first_then_goes_seed_by_seed(tmp_path):
     assert fast["models"]["teacher"] == teacher_dir and fast["models"]["generator"] == warm
     assert fast["matekd"]["generator_mlm_warmup_steps"] == 0
     assert by_name["ft-seed1"].needs == ["teacher"] and by_name["matekd-fast-seed1"].needs == ["teacher", "generator"]
+
+
+# The teacher on the whole training set, the students on its first 32 or 64 examples.
+TRANSFER = {
+    "transfer_sizes": [64, 32],
+    "base": merge(TINY["base"], {"data": {"max_train_examples": 100}}),
+    "teacher": merge(TINY["teacher"], {"finetune": {"data": {"max_train_examples": None}}}),
+}
+
+
+def test_a_null_limit_in_an_override_clears_the_base_limit():
+    limited = {"data": {"synthetic": {"train_size": 50, "dev_size": 8}, "max_train_examples": 20}}
+    cleared = config_from_dict(merge(limited, {"data": {"max_train_examples": None}}))
+    assert cleared.data.max_train_examples is None
+    whole = load_task_data(cleared).train
+    first = load_task_data(config_from_dict(limited)).train
+    assert len(whole) == 50 and first == whole[:20]  # the first N: a smaller set inside a larger one
+
+
+def test_plan_with_transfer_sizes_prepares_once_then_students_per_size(tmp_path):
+    runs = experiment.plan(experiment.read_spec(_spec(tmp_path, **TRANSFER)))
+    task_dir = tmp_path / "sweep" / "synthetic"
+    assert [r.label for r in runs] == [
+        "synthetic/teacher", "synthetic/generator",
+        "synthetic/n32/ft-seed1", "synthetic/n32/matekd-fast-seed1",
+        "synthetic/n64/ft-seed1", "synthetic/n64/matekd-fast-seed1",
+        "synthetic/n32/ft-seed2", "synthetic/n32/matekd-fast-seed2",
+        "synthetic/n64/ft-seed2", "synthetic/n64/matekd-fast-seed2",
+    ]
+    by_label = {r.label: r for r in runs}
+    teacher, generator = by_label["synthetic/teacher"], by_label["synthetic/generator"]
+    assert teacher.run_dir == task_dir / "teacher" and generator.run_dir == task_dir / "generator"
+    # teacher and generator warm-up see the whole training set, not base's limit of 100
+    assert teacher.config["data"]["max_train_examples"] is None
+    assert generator.config["data"]["max_train_examples"] is None
+    assert config_from_dict(teacher.config).data.max_train_examples is None
+    for run in runs[2:]:
+        assert run.run_dir == task_dir / f"n{run.size}" / run.name
+        assert run.config["data"]["max_train_examples"] == run.size
+        assert run.config["task"] == "synthetic" and run.report_task == f"synthetic@{run.size}"
+        assert run.config["models"]["teacher"] == str(task_dir / "teacher" / "student_best")
+        assert run.config["output"]["dir"] == str(run.run_dir)
+    assert by_label["synthetic/n64/matekd-fast-seed2"].config["models"]["generator"] == str(task_dir / "generator" / "generator_warm")
+    assert by_label["synthetic/n32/ft-seed1"].needs == ["teacher"]
+    assert by_label["synthetic/n64/matekd-fast-seed1"].needs == ["teacher", "generator"]
+    assert experiment.report_rows(runs) == {"synthetic": ["synthetic@32", "synthetic@64"]}
+
+
+def test_a_task_key_names_the_directory_and_its_overrides_the_config_task(tmp_path):
+    tasks = {"mine": {"task": "custom", "data": {"train_file": "train.tsv", "dev_file": "dev.tsv",
+                                                 "text_columns": ["sentence"], "label_names": ["a", "b"]}}}
+    runs = experiment.plan(experiment.read_spec(_spec(tmp_path, tasks=tasks, methods=["ft"], seeds=[1])))
+    assert [r.label for r in runs] == ["mine/teacher", "mine/ft-seed1"]
+    assert all(r.config["task"] == "custom" for r in runs)
+    assert runs[1].run_dir == tmp_path / "sweep" / "mine" / "ft-seed1"
+
+
+def _fake_metrics(run, best, train_seconds=60.0):
+    """A finished run's metrics.json, as far as the report reads it."""
+    metrics = {"status": "completed", "wall_seconds": 100.0}
+    if run.kind == "generator":
+        metrics["generator_warmup"] = {"steps": 3}
+    if run.kind == "student":
+        dev = {"dev": {"main": best / 100}}
+        metrics.update(metric="accuracy", teacher={"dev": dev}, best={"dev": dev}, final=dev,
+                       evaluations=[{"step": 4, "dev": dev}], throughput={"train_seconds": train_seconds})
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_the_report_has_a_row_per_task_and_transfer_size(tmp_path):
+    spec = experiment.read_spec(_spec(tmp_path, **TRANSFER, report_dir=str(tmp_path / "report")))
+    runs = experiment.plan(spec)
+    for run in runs:
+        _fake_metrics(run, best=50.0 + (run.size or 0) / 2 + (run.seed or 0), train_seconds=float(run.size or 0))
+    out = experiment.write_report(spec, runs)
+    raw = json.loads((out / "results.json").read_text())
+    assert list(raw) == ["synthetic@32", "synthetic@64"]
+    assert raw["synthetic@32"] == {"ft": pytest.approx([67.0, 68.0]), "matekd-fast": pytest.approx([67.0, 68.0])}
+    assert raw["synthetic@64"]["ft"] == pytest.approx([83.0, 84.0])
+    details = json.loads((out / "details.json").read_text())
+    for row in ("synthetic@32", "synthetic@64"):
+        assert details[row]["generator_warmup"] == {"steps": 3}
+        assert details[row]["wall_seconds"] == 600.0  # its 4 students, and the shared teacher and generator
+    table = (out / "results.md").read_text()
+    assert "| method | synthetic@32 (accuracy) | synthetic@64 (accuracy) | average |" in table
+    assert "| ft | 67.50 ± 0.71 (n=2) | 83.50 ± 0.71 (n=2) | 75.50 |" in table
+    assert "| teacher |" in table
+    assert "| ft | 0m32s | 1m04s |" in table  # mean training time per run
+    assert "Wall-clock time of the finished runs: 16m40s." in table  # 10 runs, teacher counted once
 
 
 def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
@@ -114,3 +212,27 @@ def test_report_statistics():
     assert "| ft | 82.00 ± 2.00 (n=3) | 82.00 |" in table
     assert "| kd | 85.00 ± 0.00 (n=1) | 85.00 |" in table
     assert "| matekd | – | – |" in table
+
+
+def test_a_tiny_transfer_set_sweep_runs_and_reports_per_size(tmp_path):
+    path = _spec(tmp_path, **TRANSFER, seeds=[1])
+    result = run_cli(["experiment", str(path)], cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "sweep"
+    assert "[6/6] synthetic/n64/matekd-fast-seed1" in result.stdout
+
+    def train_examples(run_dir):
+        return (run_dir / "logs" / "train.log").read_text().split(" train examples")[0].rsplit(" ", 1)[-1]
+
+    task_dir = out / "synthetic"
+    assert train_examples(task_dir / "teacher") == "160"  # the whole set, not base's 100
+    assert train_examples(task_dir / "generator") == "160"
+    assert train_examples(task_dir / "n32" / "ft-seed1") == "32"
+    assert train_examples(task_dir / "n64" / "matekd-fast-seed1") == "64"
+    raw = json.loads((out / "results.json").read_text())
+    assert list(raw) == ["synthetic@32", "synthetic@64"]
+    details = json.loads((out / "details.json").read_text())
+    assert details["synthetic@32"]["teacher"] == details["synthetic@64"]["teacher"] is not None
+    metrics = json.loads((task_dir / "n64" / "ft-seed1" / "metrics.json").read_text())
+    assert raw["synthetic@64"]["ft"] == pytest.approx([100 * metrics["best"]["dev"]["dev"]["main"]])
+    assert "| matekd-fast |" in (out / "results.md").read_text()

@@ -10,6 +10,7 @@ did: per student (its best-dev checkpoint), and as mean ± std per method over t
 - kl / kl_perturbed: KL(teacher || student) of the output distributions, mean over examples.
 
     python benchmarks/quality/student_agreement.py runs/minilm-glue/sst2 [--out agreement.json]
+    python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000   # a transfer-set size
 
 Classification tasks only. The perturbation and the comparison are the product's
 (matekd_ds/robustness.py, what `matekd eval RUN --perturbed` reports for one run); this script
@@ -54,6 +55,15 @@ def student_runs(task_dir: Path) -> list[Path]:
                   and RunDir(r).model_dir("student_best").is_dir() and RunDir(r).status() == "completed")
 
 
+def generator_run(task_dir: Path) -> Path:
+    """The task's warmed generator: <task>/generator, or for one transfer-set size of a sweep
+    with transfer_sizes (<task>/n<N>) the task's shared one, <task>/generator."""
+    for candidate in (task_dir / "generator", task_dir.parent / "generator"):
+        if candidate.is_dir():
+            return candidate
+    raise SystemExit(f"student_agreement: no warmed generator in {task_dir} or {task_dir.parent}")
+
+
 def summarise(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
     by_method: dict[str, list[dict[str, float]]] = {}
     for name, row in per_run.items():
@@ -70,7 +80,7 @@ def summarise(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task_dir", type=Path, help="one task of a matekd experiment output_dir, e.g. runs/x/sst2")
+    parser.add_argument("task_dir", type=Path, help="one task of a matekd experiment output_dir, e.g. runs/x/sst2 (or runs/x/sst2/n1000)")
     parser.add_argument("--mask-prob", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the numbers to this JSON file")
@@ -83,7 +93,7 @@ def main() -> None:
     data = load_task_data(cfg)
     if data.spec.is_regression:
         raise SystemExit("student_agreement: classification tasks only")
-    warm = RunDir(args.task_dir / "generator").model_dir("generator_warm")
+    warm = RunDir(generator_run(args.task_dir)).model_dir("generator_warm")
     tokenizer = models.load_tokenizer(str(warm))
     dev = encode(next(iter(data.dev.values())), tokenizer, cfg.data.max_length, False)
     labels = np.asarray(dev.labels)
