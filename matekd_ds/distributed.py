@@ -31,14 +31,17 @@ def init() -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    elif os.environ.get("WORLD_SIZE") == "1":
+    else:
         _skip_cpu_shared_memory_op()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
 
 
 def _skip_cpu_shared_memory_op() -> None:
     """DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce op (about 50 s on a fresh
-    machine) that only helps several local ranks; a world of one never calls it."""
+    machine, half an hour on a loaded one) whose only caller is tensor-parallel inference
+    (`inference_all_reduce`, AutoTP layers): training and the ZeRO-3 teacher never use it. Built,
+    it also leaves a 66 MiB /dev/shm buffer per rank behind after every run, killed or not
+    (DeepSpeed never unlinks it: 18 GB of RAM after a day of multi-rank tests here). Not built."""
     import importlib
 
     try:  # `import deepspeed.comm.torch as m` would give torch itself: deepspeed.comm binds the name
