@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""The headline table of docs/results.md for a `matekd experiment` sweep with transfer_sizes:
+per row (task@N), the teacher's dev score, the generator's masked-token accuracy, and per method
+the best dev score (mean ± std over seeds), the accuracy on generator-perturbed dev text and the
+agreement with the teacher there (from student_agreement.py's JSON), and the mean training time.
+
+    matekd experiment benchmarks/quality/transfer_sets.yaml --report-only
+    python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000 --out runs/transfer-sets/sst2/n1000/agreement.json
+    ...                                                  (the same for subj, trec)
+    python benchmarks/quality/transfer_table.py runs/transfer-sets [--json docs/results.json]
+
+--json writes the headline sweep as task -> method -> per-seed best dev scores (percent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def mean_std(values: list[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f} (n={len(values)})"
+
+
+def agreement_of(out: Path, row: str) -> dict | None:
+    task, size = row.split("@")
+    path = out / task / f"n{size}" / "agreement.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def per_run_agreement(agreement: dict | None, method: str, key: str) -> list[float]:
+    if not agreement:
+        return []
+    return [100 * values[key] for name, values in sorted(agreement["runs"].items()) if name.rsplit("-seed", 1)[0] == method]
+
+
+def table(out: Path, methods: list[str]) -> str:
+    details = json.loads((out / "details.json").read_text())
+    lines = ["| task@N | teacher | generator MLM acc | method | best dev | perturbed dev acc | agreement on perturbed | train time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row, d in details.items():
+        warm = (d.get("generator_warmup") or {}).get("dev_after", {}).get("accuracy")
+        agreement = agreement_of(out, row)
+        for method in methods:
+            entry = d["methods"].get(method)
+            if not entry:
+                continue
+            perturbed = per_run_agreement(agreement, method, "acc_perturbed")
+            agree = per_run_agreement(agreement, method, "agree_perturbed")
+            lines.append(" | ".join([
+                f"| {row}", f"{d['teacher']:.2f}" if d.get("teacher") else "–", f"{100 * warm:.1f}%" if warm else "–",
+                method, mean_std(entry["best"]), mean_std(perturbed) if perturbed else "–",
+                mean_std(agree) if agree else "–", f"{statistics.mean(entry['train_seconds']):.0f} s |"]))
+    return "\n".join(lines)
+
+
+def gaps(out: Path) -> str:
+    """Per row and averaged over rows: MATE-KD − KD and KD − FT of the mean best dev score."""
+    details = json.loads((out / "details.json").read_text())
+    rows, mk_kd, kd_ft = [], [], []
+    for row, d in details.items():
+        m = {k: statistics.mean(v["best"]) for k, v in d["methods"].items()}
+        if {"ft", "kd", "matekd"} <= set(m):
+            mk_kd.append(m["matekd"] - m["kd"])
+            kd_ft.append(m["kd"] - m["ft"])
+            rows.append(f"{row}: MATE-KD − KD {mk_kd[-1]:+.2f}, KD − FT {kd_ft[-1]:+.2f}")
+    if mk_kd:
+        rows.append(f"average over {len(mk_kd)} rows: MATE-KD − KD {statistics.mean(mk_kd):+.2f}, "
+                    f"KD − FT {statistics.mean(kd_ft):+.2f}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the sweep's output_dir (with results.json and details.json)")
+    parser.add_argument("--methods", default="ft,kd,matekd")
+    parser.add_argument("--json", type=Path, help="write task -> method -> per-seed best dev scores here")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    print(table(args.out, methods))
+    print()
+    print(gaps(args.out))
+    if args.json:
+        results = json.loads((args.out / "results.json").read_text())
+        args.json.write_text(json.dumps({task: {m: results[task][m] for m in methods if m in results[task]}
+                                         for task in results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
