@@ -87,6 +87,10 @@ class MatekdConfig:
     student_steps: int = 100  # n_S: student batches per cycle
     generator_lr: float = 5e-7
     generator_clip: float = 5.0
+    # false (the official code): generator batches are drawn from train.epochs / max_steps, so
+    # MATE-KD's student gets fewer updates than KD's at the same epochs. true: the budget counts
+    # student steps only and the generator's steps come on top (an equal-step comparison with KD).
+    extra_generator_steps: bool = False
     # Student-step weights: CE(labels), divergence(clean), divergence(perturbed).
     loss_weights: list[float] = field(default_factory=lambda: [1 / 3, 1 / 3, 1 / 3])
     # Masked-LM warm-up of the generator on the task's own training text before MATE-KD, for a
@@ -107,7 +111,7 @@ class KdConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 3.0
-    max_steps: int | None = None  # optimizer steps (both engines' batches); overrides epochs
+    max_steps: int | None = None  # optimizer steps (both engines' batches, see matekd.extra_generator_steps); overrides epochs
     micro_batch_size: int = 32  # per rank
     gradient_accumulation_steps: int = 1
     lr: float = 2e-5
@@ -390,6 +394,11 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
     if cfg.task == "custom" and for_training:
         _check(bool(cfg.data.train_file), "task: custom needs data.train_file")
         _check(bool(cfg.data.dev_file), "task: custom needs data.dev_file")
+    if cfg.task != "custom" and for_training:
+        # training would read the task's own data and drop these without a word
+        source = "the built-in offline data" if cfg.task == "synthetic" else "its GLUE folder, data.path"
+        for key in ("train_file", "dev_file"):
+            _check(not getattr(cfg.data, key), f"data.{key} is read only by task: custom; task {cfg.task} trains on {source}")
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:

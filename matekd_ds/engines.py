@@ -19,7 +19,7 @@ from torch import nn
 from matekd_ds import distributed
 from matekd_ds.config import RunConfig
 from matekd_ds.ds_config import fill_model_autos
-from matekd_ds.methods.matekd import count_student_steps
+from matekd_ds.methods.matekd import count_student_steps, steps_holding_student_steps
 from matekd_ds.teacher import Teacher
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -216,7 +216,10 @@ class RunEngines:
     @property
     def student_phase_steps(self) -> int:
         """Steps of the student phase: for matekd, generator and student steps together."""
-        return self.cfg.train.max_steps or self._steps(self.cfg.train.epochs)
+        budget, m = self.cfg.train.max_steps or self._steps(self.cfg.train.epochs), self.cfg.matekd
+        if self.cfg.method == "matekd" and m.extra_generator_steps:
+            return steps_holding_student_steps(budget, m.generator_steps, m.student_steps)
+        return budget
 
     @property
     def student_optimizer_steps(self) -> int:

@@ -112,7 +112,8 @@ def hyper_parameters(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                     "generator steps / student steps": f"{m.generator_steps} / {m.student_steps}",
                     "generator learning rate": m.generator_lr,
                     "loss weights (CE, div clean, div perturbed)": [round(w, 4) for w in m.loss_weights],
-                    "generator MLM warm-up steps": m.generator_mlm_warmup_steps})
+                    "generator MLM warm-up steps": m.generator_mlm_warmup_steps,
+                    "budget counts": "student steps" if m.extra_generator_steps else "generator and student steps"})
     return out
 
 

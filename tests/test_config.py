@@ -48,6 +48,8 @@ def test_json_config(tmp_path):
     ({"train": {"dtype": "fp8"}}, "train.dtype"),
     ({"logging": {"tensorboard": "yes"}}, "must be true or false"),
     ({"task": "custom"}, "needs data.train_file"),
+    ({"task": "sst2", "data": {"train_file": "mine.tsv"}}, "data.train_file is read only by task: custom; task sst2"),
+    ({"data": {"dev_file": "mine.tsv"}}, "data.dev_file is read only by task: custom; task synthetic"),
     ({"train": {"zero_stage": 4}}, "train.zero_stage must be 0, 1, 2 or 3"),
 ])
 def test_bad_values_name_the_key(data, message):

@@ -24,3 +24,18 @@ def test_trained_engines_train_with_dropout_even_from_a_pretrained_checkpoint(tm
     assert engines.student_phase_steps == 22 and engines.student_optimizer_steps == 12  # 10 generator steps first
     assert engines.student(student).module.training
     assert engines.generator(generator).module.training
+
+
+def test_extra_generator_steps_give_matekd_the_student_steps_of_kd():
+    """With matekd.extra_generator_steps the budget counts student steps only: 155 student steps
+    need 175 phase steps at n_G:n_S = 10:100, 310 need 350; without it the official count."""
+    def engines(method, extra, **train):
+        cfg = config_from_dict({"method": method, "train": train, "matekd": {"extra_generator_steps": extra}})
+        return RunEngines(cfg, {}, "fp32", batches_per_epoch=31)
+    for epochs, phase in ((5, 175), (10, 350), (1, 41)):
+        kd, matekd = engines("kd", True, epochs=epochs), engines("matekd", True, epochs=epochs)
+        assert matekd.student_optimizer_steps == kd.student_optimizer_steps == 31 * epochs
+        assert matekd.student_phase_steps == phase
+    official = engines("matekd", False, epochs=5)
+    assert (official.student_phase_steps, official.student_optimizer_steps) == (155, 135)
+    assert engines("matekd", True, max_steps=100).student_phase_steps == 110

@@ -7,7 +7,7 @@ from helpers import tiny_batch, tiny_matekd, tiny_tokenizer
 
 from matekd_ds.losses import divergence, task_loss
 from matekd_ds.data.batching import doubled
-from matekd_ds.methods.matekd import count_student_steps, cycle_phase
+from matekd_ds.methods.matekd import count_student_steps, cycle_phase, steps_holding_student_steps
 
 
 def test_divergence_is_the_official_soft_cross_entropy():
@@ -67,6 +67,14 @@ def test_cycle_phase_follows_n_g_then_n_s():
 def test_count_student_steps():
     for total in range(0, 40):
         assert count_student_steps(total, 3, 5) == sum(cycle_phase(s, 3, 5) == "student" for s in range(total))
+
+
+def test_steps_holding_student_steps_is_the_fewest_that_do():
+    for n_g, n_s in ((3, 5), (10, 100), (0, 4)):
+        for target in range(1, 60):
+            total = steps_holding_student_steps(target, n_g, n_s)
+            assert count_student_steps(total, n_g, n_s) == target
+            assert count_student_steps(total - 1, n_g, n_s) < target
 
 
 def test_cached_clean_teacher_logits_give_the_same_student_step():

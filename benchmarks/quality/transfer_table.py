@@ -8,6 +8,8 @@ agreement with the teacher there (from student_agreement.py's JSON), and the mea
     python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000 --out runs/transfer-sets/sst2/n1000/agreement.json
     ...                                                  (the same for subj, trec)
     python benchmarks/quality/transfer_table.py runs/transfer-sets [--json docs/results.json]
+    python benchmarks/quality/transfer_table.py runs/transfer-sets/arm-epochs10 --runs runs/transfer-sets \
+        --methods ft-e10,kd-e10,matekd-e10                  # a recipe arm (its report_dir)
 
 --json writes the headline sweep as task -> method -> per-seed best dev scores (percent).
 """
@@ -25,9 +27,9 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f} (n={len(values)})"
 
 
-def agreement_of(out: Path, row: str) -> dict | None:
+def agreement_of(runs: Path, row: str) -> dict | None:
     task, size = row.split("@")
-    path = out / task / f"n{size}" / "agreement.json"
+    path = runs / task / f"n{size}" / "agreement.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -37,13 +39,13 @@ def per_run_agreement(agreement: dict | None, method: str, key: str) -> list[flo
     return [100 * values[key] for name, values in sorted(agreement["runs"].items()) if name.rsplit("-seed", 1)[0] == method]
 
 
-def table(out: Path, methods: list[str]) -> str:
+def table(out: Path, methods: list[str], runs: Path) -> str:
     details = json.loads((out / "details.json").read_text())
     lines = ["| task@N | teacher | generator MLM acc | method | best dev | perturbed dev acc | agreement on perturbed | train time |",
              "|---|---|---|---|---|---|---|---|"]
     for row, d in details.items():
         warm = (d.get("generator_warmup") or {}).get("dev_after", {}).get("accuracy")
-        agreement = agreement_of(out, row)
+        agreement = agreement_of(runs, row)
         for method in methods:
             entry = d["methods"].get(method)
             if not entry:
@@ -57,15 +59,16 @@ def table(out: Path, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def gaps(out: Path) -> str:
-    """Per row and averaged over rows: MATE-KD − KD and KD − FT of the mean best dev score."""
+def gaps(out: Path, ft: str = "ft", kd: str = "kd", matekd: str = "matekd") -> str:
+    """Per row and averaged over rows: MATE-KD − KD and KD − FT of the mean best dev score; an arm
+    names its own three methods (`--methods ft-e10,kd-e10,matekd-e10`)."""
     details = json.loads((out / "details.json").read_text())
     rows, mk_kd, kd_ft = [], [], []
     for row, d in details.items():
         m = {k: statistics.mean(v["best"]) for k, v in d["methods"].items()}
-        if {"ft", "kd", "matekd"} <= set(m):
-            mk_kd.append(m["matekd"] - m["kd"])
-            kd_ft.append(m["kd"] - m["ft"])
+        if {ft, kd, matekd} <= set(m):
+            mk_kd.append(m[matekd] - m[kd])
+            kd_ft.append(m[kd] - m[ft])
             rows.append(f"{row}: MATE-KD − KD {mk_kd[-1]:+.2f}, KD − FT {kd_ft[-1]:+.2f}")
     if mk_kd:
         rows.append(f"average over {len(mk_kd)} rows: MATE-KD − KD {statistics.mean(mk_kd):+.2f}, "
@@ -76,13 +79,16 @@ def gaps(out: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the sweep's output_dir (with results.json and details.json)")
-    parser.add_argument("--methods", default="ft,kd,matekd")
+    parser.add_argument("--methods", default="ft,kd,matekd",
+                        help="the table's methods; the gaps read the first three as FT, KD and MATE-KD")
+    parser.add_argument("--runs", type=Path, help="the output_dir with <task>/n<N>/agreement.json, when `out` "
+                        "is an arm's report_dir (default: out)")
     parser.add_argument("--json", type=Path, help="write task -> method -> per-seed best dev scores here")
     args = parser.parse_args()
     methods = args.methods.split(",")
-    print(table(args.out, methods))
+    print(table(args.out, methods, args.runs or args.out))
     print()
-    print(gaps(args.out))
+    print(gaps(args.out, *methods[:3]) if len(methods) >= 3 else "")
     if args.json:
         results = json.loads((args.out / "results.json").read_text())
         args.json.write_text(json.dumps({task: {m: results[task][m] for m in methods if m in results[task]}

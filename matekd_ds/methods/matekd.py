@@ -33,6 +33,12 @@ def count_student_steps(total_steps: int, generator_steps: int, student_steps: i
     return full * student_steps + max(0, rest - generator_steps)
 
 
+def steps_holding_student_steps(student_target: int, generator_steps: int, student_steps: int) -> int:
+    """The fewest cycle steps that hold `student_target` student steps: every started block of
+    student steps comes after its cycle's generator steps."""
+    return student_target + generator_steps * -(-student_target // student_steps)
+
+
 class MateKD:
     name = "matekd"
 
