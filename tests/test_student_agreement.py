@@ -45,3 +45,13 @@ def test_only_finished_student_runs_are_compared(agreement, tmp_path):
         (tmp_path / name / "metrics.json").write_text(json.dumps({"status": status}))
     (tmp_path / "ft-seed1").mkdir()  # no metrics.json yet
     assert [r.name for r in agreement.student_runs(tmp_path)] == ["kd-seed1"]
+
+
+def test_only_keeps_the_students_measured_with_the_same_perturbation(tmp_path, agreement):
+    out = tmp_path / "agreement.json"
+    assert agreement.kept_runs(out, 0.3, 0, 500) == {}  # nothing measured yet
+    out.write_text(json.dumps({"mask_prob": 0.3, "examples": 500, "runs": {"kd-seed1": {"acc": 0.8}}}))
+    assert agreement.kept_runs(out, 0.3, 0, 500) == {"kd-seed1": {"acc": 0.8}}  # seed 0 when not recorded
+    for other in ((0.2, 0, 500), (0.3, 1, 500), (0.3, 0, 499)):
+        with pytest.raises(SystemExit, match="another perturbation"):
+            agreement.kept_runs(out, *other)

@@ -11,6 +11,7 @@ did: per student (its best-dev checkpoint), and as mean ± std per method over t
 
     python benchmarks/quality/student_agreement.py runs/minilm-glue/sst2 [--out agreement.json]
     python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000   # a transfer-set size
+    ... --out agreement.json --only 'matekd-glr'   # these students only, merged into --out's others
 
 Classification tasks only. The perturbation and the comparison are the product's
 (matekd_ds/robustness.py, what `matekd eval RUN --perturbed` reports for one run); this script
@@ -64,6 +65,16 @@ def generator_run(task_dir: Path) -> Path:
     raise SystemExit(f"student_agreement: no warmed generator in {task_dir} or {task_dir.parent}")
 
 
+def kept_runs(out: Path | None, mask_prob: float, seed: int, examples: int) -> dict[str, dict[str, float]]:
+    """The students already measured in `out` with the same perturbation, to merge with."""
+    if out is None or not out.is_file():
+        return {}
+    old = json.loads(out.read_text())
+    if (old.get("mask_prob"), old.get("seed", 0), old.get("examples")) != (mask_prob, seed, examples):
+        raise SystemExit(f"student_agreement: {out} was measured with another perturbation; rerun without --only")
+    return old["runs"]
+
+
 def summarise(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]:
     by_method: dict[str, list[dict[str, float]]] = {}
     for name, row in per_run.items():
@@ -84,9 +95,11 @@ def main() -> None:
     parser.add_argument("--mask-prob", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the numbers to this JSON file")
+    parser.add_argument("--only", metavar="REGEX", help="measure only the students whose run name matches; "
+                        "the other students of an existing --out (same perturbation) are kept")
     args = parser.parse_args()
 
-    runs = student_runs(args.task_dir)
+    runs = [r for r in student_runs(args.task_dir) if not args.only or re.search(args.only, r.name)]
     if not runs:
         raise SystemExit(f"student_agreement: no finished student runs in {args.task_dir}")
     cfg = config_from_dict(RunDir(runs[0]).read_config())
@@ -105,7 +118,7 @@ def main() -> None:
     teacher = models.load_classifier("teacher", cfg.models.teacher, data.spec.num_labels, tokenizer, False).eval()
     teacher_clean, teacher_noisy = predict(teacher, dev, BATCH, pad, DEVICE), predict(teacher, noisy, BATCH, pad, DEVICE)
 
-    per_run: dict[str, dict[str, float]] = {}
+    per_run = kept_runs(args.out, args.mask_prob, args.seed, len(dev)) if args.only else {}
     for run in runs:
         student = models.load_classifier("student", str(RunDir(run).model_dir("student_best")), data.spec.num_labels, tokenizer,
                                          False).eval()
@@ -116,6 +129,7 @@ def main() -> None:
 
     teacher_row = {"acc": float(np.mean(teacher_clean.argmax(-1) == labels)),
                    "acc_perturbed": float(np.mean(teacher_noisy.argmax(-1) == labels))}
+    per_run = dict(sorted(per_run.items()))
     table = summarise(per_run)
     keys = list(next(iter(per_run.values())))
     print("\n| method | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
@@ -123,7 +137,7 @@ def main() -> None:
         print(f"| {method} | " + " | ".join(row[k] for k in keys) + " |")
     print(f"teacher: {json.dumps({k: round(v, 4) for k, v in teacher_row.items()})}")
     if args.out:
-        args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "mask_prob": args.mask_prob,
+        args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "mask_prob": args.mask_prob, "seed": args.seed,
                                         "examples": len(dev), "teacher": teacher_row, "runs": per_run,
                                         "summary": table}, indent=2) + "\n")
 

@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, help="the output_dir with <task>/n<N>/agreement.json, when `out` "
                         "is an arm's report_dir (default: out)")
     parser.add_argument("--json", type=Path, help="write task -> method -> per-seed best dev scores here")
+    parser.add_argument("--json-names", help="the methods' names in --json, in --methods order (an arm's "
+                        "ft-e10,kd-e10,matekd-e10 written as ft,kd,matekd)")
     args = parser.parse_args()
     methods = args.methods.split(",")
     print(table(args.out, methods, args.runs or args.out))
@@ -91,7 +93,8 @@ def main() -> None:
     print(gaps(args.out, *methods[:3]) if len(methods) >= 3 else "")
     if args.json:
         results = json.loads((args.out / "results.json").read_text())
-        args.json.write_text(json.dumps({task: {m: results[task][m] for m in methods if m in results[task]}
+        names = dict(zip(methods, args.json_names.split(","), strict=True)) if args.json_names else {}
+        args.json.write_text(json.dumps({task: {names.get(m, m): results[task][m] for m in methods if m in results[task]}
                                          for task in results}, indent=2) + "\n")
 
 
