@@ -327,9 +327,10 @@ def _first_split(dev: dict[str, dict[str, float]]) -> dict[str, float]:
 # The report
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = statistics.mean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+def mean_std_cell(values: list[float]) -> str:
+    """A report cell: mean ± sample std over seeds, and how many there were."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f} (n={len(values)})"
 
 
 def report_rows(runs: list[Run]) -> dict[str, list[str]]:
@@ -407,9 +408,8 @@ def results_table(tasks: dict[str, Any], methods: list[str]) -> str:
             if not entry or not entry["best"]:
                 cells.append("–")
                 continue
-            mean, std = _mean_std(entry["best"])
-            means.append(mean)
-            cells.append(f"{mean:.2f} ± {std:.2f} (n={len(entry['best'])})")
+            means.append(statistics.mean(entry["best"]))
+            cells.append(mean_std_cell(entry["best"]))
         avg = f"{statistics.mean(means):.2f}" if len(means) == len(names) else "–"
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg} |")
     return "\n".join(lines)

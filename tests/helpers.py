@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,6 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO.parent / "shared" / "data" / "glue"
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE")
+
+
+def load_benchmark_script(relative: str):
+    """A script under benchmarks/ by path (benchmarks/ is not an installed package), registered
+    under its file name so that its dataclasses and pickles resolve."""
+    path = REPO / "benchmarks" / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(path.stem, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_tokenizer():

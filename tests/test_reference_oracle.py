@@ -18,12 +18,10 @@ Tolerances (fp32, CPU, dropout off):
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_benchmark_script
 
 from matekd_ds import distributed, models
 from matekd_ds.data import synthetic
@@ -36,7 +34,6 @@ from matekd_ds.methods import MateKD
 from matekd_ds.perturb import Perturber
 from matekd_ds.teacher import Teacher
 
-REPO = Path(__file__).resolve().parents[1]
 # CLIP is below the tiny models' gradient norms (~1.2-2) so that clipping acts (checked through
 # AdamW's first moment: one Adam step from zero state is invariant to the gradient's scale).
 STUDENT_LR, GENERATOR_LR, WEIGHT_DECAY, CLIP = 1e-3, 1e-3, 0.01, 1.0
@@ -47,16 +44,7 @@ PARAM_ATOL_IN_LR = 1e-3
 MEANINGFUL_GRAD_IN_SCALE = 1e-3
 
 
-def load_reference():
-    """benchmarks/reference_matekd.py by path (benchmarks/ is not an installed package)."""
-    spec = importlib.util.spec_from_file_location("reference_matekd", REPO / "benchmarks" / "reference_matekd.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("reference_matekd", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = load_reference()
+reference = load_benchmark_script("reference_matekd.py")
 
 
 @pytest.fixture(scope="module")

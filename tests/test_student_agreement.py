@@ -1,22 +1,17 @@
 """benchmarks/quality/student_agreement.py: the per-student comparison with the teacher and the
 per-method summary over seeds."""
 
-import importlib.util
 import json
 import math
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def agreement():
-    path = REPO / "benchmarks" / "quality" / "student_agreement.py"
-    spec = importlib.util.spec_from_file_location("student_agreement", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("quality/student_agreement.py")
 
 
 def test_compare_counts_accuracy_agreement_and_kl(agreement):

@@ -1,20 +1,15 @@
 """benchmarks/quality/transfer_table.py: the headline table and the MATE-KD − KD / KD − FT gaps,
 for the headline sweep and for a recipe arm that names its own methods."""
 
-import importlib.util
 import json
 
 import pytest
-from helpers import REPO
+from helpers import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def transfer_table():
-    path = REPO / "benchmarks" / "quality" / "transfer_table.py"
-    spec = importlib.util.spec_from_file_location("transfer_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("quality/transfer_table.py")
 
 
 def write_sweep(out, methods):

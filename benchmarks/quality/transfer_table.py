@@ -21,10 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-
-def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f} (n={len(values)})"
+from matekd_ds.experiment import mean_std_cell
 
 
 def agreement_of(runs: Path, row: str) -> dict | None:
@@ -54,8 +51,8 @@ def table(out: Path, methods: list[str], runs: Path) -> str:
             agree = per_run_agreement(agreement, method, "agree_perturbed")
             lines.append(" | ".join([
                 f"| {row}", f"{d['teacher']:.2f}" if d.get("teacher") else "–", f"{100 * warm:.1f}%" if warm else "–",
-                method, mean_std(entry["best"]), mean_std(perturbed) if perturbed else "–",
-                mean_std(agree) if agree else "–", f"{statistics.mean(entry['train_seconds']):.0f} s |"]))
+                method, mean_std_cell(entry["best"]), mean_std_cell(perturbed) if perturbed else "–",
+                mean_std_cell(agree) if agree else "–", f"{statistics.mean(entry['train_seconds']):.0f} s |"]))
     return "\n".join(lines)
 
 
