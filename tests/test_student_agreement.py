@@ -45,8 +45,26 @@ def test_only_finished_student_runs_are_compared(agreement, tmp_path):
 def test_only_keeps_the_students_measured_with_the_same_perturbation(tmp_path, agreement):
     out = tmp_path / "agreement.json"
     assert agreement.kept_runs(out, 0.3, 0, 500) == {}  # nothing measured yet
-    out.write_text(json.dumps({"mask_prob": 0.3, "examples": 500, "runs": {"kd-seed1": {"acc": 0.8}}}))
-    assert agreement.kept_runs(out, 0.3, 0, 500) == {"kd-seed1": {"acc": 0.8}}  # seed 0 when not recorded
-    for other in ((0.2, 0, 500), (0.3, 1, 500), (0.3, 0, 499)):
+    row = {"acc": 0.8, "acc_perturbed_kept": 0.7}
+    out.write_text(json.dumps({"mask_prob": 0.3, "examples": 500, "runs": {"kd-seed1": row}}))
+    assert agreement.kept_runs(out, 0.3, 0, 500) == {"kd-seed1": row}  # seed 0 when not recorded
+    for other in ((0.2, 0, 500), (0.3, 1, 500), (0.3, 0, 499), (0.3, 0, 500, "heldout.tsv")):
         with pytest.raises(SystemExit, match="another perturbation"):
-            agreement.kept_runs(out, *other)
+            agreement.kept_runs(out, *other)  # another rate, sample, size or text
+
+
+def test_only_refuses_to_merge_with_rows_missing_a_column(tmp_path, agreement):
+    out = tmp_path / "agreement.json"
+    out.write_text(json.dumps({"mask_prob": 0.3, "examples": 500, "runs": {"kd-seed1": {"acc": 0.8}}}))
+    with pytest.raises(SystemExit, match="acc_perturbed_kept"):
+        agreement.kept_runs(out, 0.3, 0, 500)
+
+
+def test_label_kept_subset_is_where_the_teacher_is_right_before_and_after_the_rewrite(agreement):
+    labels = [0, 1, 1, 0]
+    teacher_clean = [[2.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]  # right, right, right, wrong
+    teacher_noisy = [[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]  # right, wrong, right, right
+    kept = agreement.rewrite_kept_label(teacher_clean, teacher_noisy, labels)
+    assert kept.tolist() == [True, False, True, False]
+    student_noisy = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]  # right, right, wrong, right
+    assert agreement.accuracy_on(student_noisy, labels, kept) == pytest.approx(0.5)  # examples 0 and 2 only

@@ -7,11 +7,16 @@ did: per student (its best-dev checkpoint), and as mean ± std per method over t
 - acc / acc_perturbed: accuracy against the gold labels on clean / perturbed dev text;
 - agree / agree_perturbed: the fraction of dev examples where student and teacher predict the
   same class;
-- kl / kl_perturbed: KL(teacher || student) of the output distributions, mean over examples.
+- kl / kl_perturbed: KL(teacher || student) of the output distributions, mean over examples;
+- acc_perturbed_kept: accuracy on the perturbed examples whose rewrite kept the label as far as
+  the teacher can tell (it predicts the gold label on both the clean and the perturbed text). A
+  30% rewrite by a weak generator often changes what a sentence says, and there the gold label is
+  no longer the right answer; on this subset it still is.
 
     python benchmarks/quality/student_agreement.py runs/minilm-glue/sst2 [--out agreement.json]
     python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000   # a transfer-set size
     ... --out agreement.json --only 'matekd-glr'   # these students only, merged into --out's others
+    ... --data heldout.tsv --out agreement_heldout.json   # a labeled file in place of the dev set
 
 Classification tasks only. The perturbation and the comparison are the product's
 (matekd_ds/robustness.py, what `matekd eval RUN --perturbed` reports for one run); this script
@@ -34,6 +39,7 @@ from matekd_ds.config import config_from_dict
 from matekd_ds.data.batching import encode
 from matekd_ds.data.tasks import load_task_data
 from matekd_ds.evaluation import predict
+from matekd_ds.evaluation_cli import DataOptions, labeled_sets
 from matekd_ds.robustness import Perturbation, compare_to_teacher, perturbed_copy
 from matekd_ds.run_dir import RunDir
 
@@ -48,6 +54,17 @@ def compare(student, teacher, labels) -> dict[str, float]:
     to_teacher = compare_to_teacher(student, teacher, regression=False)
     return {"acc": float(np.mean(student.argmax(-1) == labels)), "agree": to_teacher["agreement"],
             "kl": to_teacher["kl"]}
+
+
+def rewrite_kept_label(teacher_clean, teacher_noisy, labels) -> np.ndarray:
+    """The examples whose rewrite the teacher still labels correctly, having labelled the clean
+    text correctly: the best judge of "the label survived the rewrite" these runs have."""
+    labels = np.asarray(labels)
+    return (np.asarray(teacher_clean).argmax(-1) == labels) & (np.asarray(teacher_noisy).argmax(-1) == labels)
+
+
+def accuracy_on(logits, labels, subset: np.ndarray) -> float:
+    return float(np.mean(np.asarray(logits).argmax(-1)[subset] == np.asarray(labels)[subset]))
 
 
 def student_runs(task_dir: Path) -> list[Path]:
@@ -65,13 +82,16 @@ def generator_run(task_dir: Path) -> Path:
     raise SystemExit(f"student_agreement: no warmed generator in {task_dir} or {task_dir.parent}")
 
 
-def kept_runs(out: Path | None, mask_prob: float, seed: int, examples: int) -> dict[str, dict[str, float]]:
-    """The students already measured in `out` with the same perturbation, to merge with."""
+def kept_runs(out: Path | None, mask_prob: float, seed: int, examples: int,
+              data: str | None = None) -> dict[str, dict[str, float]]:
+    """The students already measured in `out` with the same perturbation of the same text, to merge with."""
     if out is None or not out.is_file():
         return {}
     old = json.loads(out.read_text())
-    if (old.get("mask_prob"), old.get("seed", 0), old.get("examples")) != (mask_prob, seed, examples):
+    if (old.get("mask_prob"), old.get("seed", 0), old.get("examples"), old.get("data")) != (mask_prob, seed, examples, data):
         raise SystemExit(f"student_agreement: {out} was measured with another perturbation; rerun without --only")
+    if any("acc_perturbed_kept" not in row for row in old["runs"].values()):
+        raise SystemExit(f"student_agreement: {out} predates acc_perturbed_kept; rerun without --only")
     return old["runs"]
 
 
@@ -95,6 +115,8 @@ def main() -> None:
     parser.add_argument("--mask-prob", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the numbers to this JSON file")
+    parser.add_argument("--data", metavar="FILE", help="measure on this labeled file (the task's format, as "
+                        "`matekd eval --data` reads it) instead of the dev set: e.g. a held-out split")
     parser.add_argument("--only", metavar="REGEX", help="measure only the students whose run name matches; "
                         "the other students of an existing --out (same perturbation) are kept")
     args = parser.parse_args()
@@ -108,7 +130,9 @@ def main() -> None:
         raise SystemExit("student_agreement: classification tasks only")
     warm = RunDir(generator_run(args.task_dir)).model_dir("generator_warm")
     tokenizer = models.load_tokenizer(str(warm))
-    dev = encode(next(iter(data.dev.values())), tokenizer, cfg.data.max_length, False)
+    examples = (next(iter(labeled_sets(cfg, data.spec, DataOptions(sources=[args.data]), []).values())) if args.data
+                else next(iter(data.dev.values())))
+    dev = encode(examples, tokenizer, cfg.data.max_length, False)
     labels = np.asarray(dev.labels)
     pad = tokenizer.pad_token_id
 
@@ -118,17 +142,21 @@ def main() -> None:
     teacher = models.load_classifier("teacher", cfg.models.teacher, data.spec.num_labels, tokenizer, False).eval()
     teacher_clean, teacher_noisy = predict(teacher, dev, BATCH, pad, DEVICE), predict(teacher, noisy, BATCH, pad, DEVICE)
 
-    per_run = kept_runs(args.out, args.mask_prob, args.seed, len(dev)) if args.only else {}
+    label_kept = rewrite_kept_label(teacher_clean, teacher_noisy, labels)
+    per_run = kept_runs(args.out, args.mask_prob, args.seed, len(dev), args.data) if args.only else {}
     for run in runs:
         student = models.load_classifier("student", str(RunDir(run).model_dir("student_best")), data.spec.num_labels, tokenizer,
                                          False).eval()
         clean = compare(predict(student, dev, BATCH, pad, DEVICE), teacher_clean, labels)
-        perturbed = compare(predict(student, noisy, BATCH, pad, DEVICE), teacher_noisy, labels)
-        per_run[run.name] = {**clean, **{f"{k}_perturbed": v for k, v in perturbed.items()}}
+        student_noisy = predict(student, noisy, BATCH, pad, DEVICE)
+        perturbed = compare(student_noisy, teacher_noisy, labels)
+        per_run[run.name] = {**clean, **{f"{k}_perturbed": v for k, v in perturbed.items()},
+                             "acc_perturbed_kept": accuracy_on(student_noisy, labels, label_kept)}
         print(run.name, json.dumps({k: round(v, 4) for k, v in per_run[run.name].items()}), flush=True)
 
     teacher_row = {"acc": float(np.mean(teacher_clean.argmax(-1) == labels)),
-                   "acc_perturbed": float(np.mean(teacher_noisy.argmax(-1) == labels))}
+                   "acc_perturbed": float(np.mean(teacher_noisy.argmax(-1) == labels)),
+                   "rewrites_kept_label": float(np.mean(label_kept))}
     per_run = dict(sorted(per_run.items()))
     table = summarise(per_run)
     keys = list(next(iter(per_run.values())))
@@ -137,8 +165,8 @@ def main() -> None:
         print(f"| {method} | " + " | ".join(row[k] for k in keys) + " |")
     print(f"teacher: {json.dumps({k: round(v, 4) for k, v in teacher_row.items()})}")
     if args.out:
-        args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "mask_prob": args.mask_prob, "seed": args.seed,
-                                        "examples": len(dev), "teacher": teacher_row, "runs": per_run,
+        args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "data": args.data, "mask_prob": args.mask_prob,
+                                        "seed": args.seed, "examples": len(dev), "teacher": teacher_row, "runs": per_run,
                                         "summary": table}, indent=2) + "\n")
 
 
