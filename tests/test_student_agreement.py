@@ -68,3 +68,19 @@ def test_label_kept_subset_is_where_the_teacher_is_right_before_and_after_the_re
     assert kept.tolist() == [True, False, True, False]
     student_noisy = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]  # right, right, wrong, right
     assert agreement.accuracy_on(student_noisy, labels, kept) == pytest.approx(0.5)  # examples 0 and 2 only
+
+
+def test_data_reads_a_labeled_file_in_the_tasks_format_and_names_a_bad_one(tmp_path, agreement):
+    from matekd_ds.config import config_from_dict
+    from matekd_ds.data.tasks import task_spec
+
+    cfg = config_from_dict({"task": "custom", "data": {
+        "train_file": "unused.tsv", "dev_file": "unused.tsv", "text_columns": ["sentence"], "label_column": "label",
+        "label_names": ["neg", "pos"]}})
+    heldout = tmp_path / "heldout.tsv"
+    heldout.write_text("sentence\tlabel\ngood film\tpos\nbad film\tneg\ndull\tneg\n")
+    examples = agreement.heldout_examples(cfg, task_spec(cfg), str(heldout))
+    assert [e.label for e in examples] == [1, 0, 0]
+    heldout.write_text("sentence\tlabel\ngood film\tmaybe\n")
+    with pytest.raises(SystemExit, match="--data .*heldout.tsv.*unknown label 'maybe'"):
+        agreement.heldout_examples(cfg, task_spec(cfg), str(heldout))

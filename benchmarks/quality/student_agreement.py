@@ -39,6 +39,7 @@ from matekd_ds.config import config_from_dict
 from matekd_ds.data.batching import encode
 from matekd_ds.data.tasks import load_task_data
 from matekd_ds.evaluation import predict
+from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation_cli import DataOptions, labeled_sets
 from matekd_ds.robustness import Perturbation, compare_to_teacher, perturbed_copy
 from matekd_ds.run_dir import RunDir
@@ -65,6 +66,14 @@ def rewrite_kept_label(teacher_clean, teacher_noisy, labels) -> np.ndarray:
 
 def accuracy_on(logits, labels, subset: np.ndarray) -> float:
     return float(np.mean(np.asarray(logits).argmax(-1)[subset] == np.asarray(labels)[subset]))
+
+
+def heldout_examples(cfg, spec, source: str):
+    """The labeled examples of `source`, read the way `matekd eval --data` reads them."""
+    try:
+        return next(iter(labeled_sets(cfg, spec, DataOptions(sources=[source]), []).values()))
+    except MatekdError as error:
+        raise SystemExit(f"student_agreement: --data {source}: {error}") from None
 
 
 def student_runs(task_dir: Path) -> list[Path]:
@@ -130,8 +139,7 @@ def main() -> None:
         raise SystemExit("student_agreement: classification tasks only")
     warm = RunDir(generator_run(args.task_dir)).model_dir("generator_warm")
     tokenizer = models.load_tokenizer(str(warm))
-    examples = (next(iter(labeled_sets(cfg, data.spec, DataOptions(sources=[args.data]), []).values())) if args.data
-                else next(iter(data.dev.values())))
+    examples = heldout_examples(cfg, data.spec, args.data) if args.data else next(iter(data.dev.values()))
     dev = encode(examples, tokenizer, cfg.data.max_length, False)
     labels = np.asarray(dev.labels)
     pad = tokenizer.pad_token_id
