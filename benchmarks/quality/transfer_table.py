@@ -4,9 +4,9 @@ per row (task@N), the teacher's dev score, the generator's masked-token accuracy
 the best dev score (mean ± std over seeds); from student_agreement.py's JSON, the best checkpoint's
 accuracy on the text it measured (the dev set, or its --data), on that text perturbed (all of it,
 and the rewrites that kept the label as the teacher judges them) and the agreement with the
-teacher there; and the mean training time. Then MATE-KD − KD
-and KD − FT on the best dev score, and the same gaps on what student_agreement.py measured (clean,
-perturbed, label-kept accuracy; with its --data, on a held-out set).
+teacher there; and the mean training time. Then MATE-KD − KD and KD − FT on the best dev score,
+and the same gaps on what student_agreement.py measured (clean, perturbed and label-kept accuracy;
+with its --data, on a held-out set).
 
     matekd experiment benchmarks/quality/transfer_sets.yaml --report-only
     python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000 --out runs/transfer-sets/sst2/n1000/agreement.json
@@ -14,6 +14,7 @@ perturbed, label-kept accuracy; with its --data, on a held-out set).
     python benchmarks/quality/transfer_table.py runs/transfer-sets [--json docs/results.json]
     python benchmarks/quality/transfer_table.py runs/transfer-sets/arm-epochs10 --runs runs/transfer-sets \
         --methods ft-e10,kd-e10,matekd-e10                  # a recipe arm (its report_dir)
+    ... --agreement agreement_heldout.json                   # student_agreement.py --data ... --out that name
 
 --json writes the headline sweep as task -> method -> per-seed best dev scores (percent).
 """
