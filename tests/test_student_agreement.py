@@ -67,7 +67,7 @@ def test_label_kept_subset_is_where_the_teacher_is_right_before_and_after_the_re
     kept = agreement.rewrite_kept_label(teacher_clean, teacher_noisy, labels)
     assert kept.tolist() == [True, False, True, False]
     student_noisy = [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]  # right, right, wrong, right
-    assert agreement.accuracy_on(student_noisy, labels, kept) == pytest.approx(0.5)  # examples 0 and 2 only
+    assert agreement.accuracy(student_noisy, labels, kept) == pytest.approx(0.5)  # examples 0 and 2 only
 
 
 def test_data_reads_a_labeled_file_in_the_tasks_format_and_names_a_bad_one(tmp_path, agreement):

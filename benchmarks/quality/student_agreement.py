@@ -53,7 +53,7 @@ def compare(student, teacher, labels) -> dict[str, float]:
     (matekd_ds.robustness, what `matekd eval RUN --perturbed` reports)."""
     student, teacher, labels = (np.asarray(x, dtype=np.float64) for x in (student, teacher, labels))
     to_teacher = compare_to_teacher(student, teacher, regression=False)
-    return {"acc": float(np.mean(student.argmax(-1) == labels)), "agree": to_teacher["agreement"],
+    return {"acc": accuracy(student, labels), "agree": to_teacher["agreement"],
             "kl": to_teacher["kl"]}
 
 
@@ -64,7 +64,8 @@ def rewrite_kept_label(teacher_clean, teacher_noisy, labels) -> np.ndarray:
     return (np.asarray(teacher_clean).argmax(-1) == labels) & (np.asarray(teacher_noisy).argmax(-1) == labels)
 
 
-def accuracy_on(logits, labels, subset: np.ndarray) -> float:
+def accuracy(logits, labels, subset: np.ndarray | slice = slice(None)) -> float:
+    """Accuracy of the argmax against the gold labels, over `subset` (a boolean mask) or all."""
     return float(np.mean(np.asarray(logits).argmax(-1)[subset] == np.asarray(labels)[subset]))
 
 
@@ -159,11 +160,10 @@ def main() -> None:
         student_noisy = predict(student, noisy, BATCH, pad, DEVICE)
         perturbed = compare(student_noisy, teacher_noisy, labels)
         per_run[run.name] = {**clean, **{f"{k}_perturbed": v for k, v in perturbed.items()},
-                             "acc_perturbed_kept": accuracy_on(student_noisy, labels, label_kept)}
+                             "acc_perturbed_kept": accuracy(student_noisy, labels, label_kept)}
         print(run.name, json.dumps({k: round(v, 4) for k, v in per_run[run.name].items()}), flush=True)
 
-    teacher_row = {"acc": float(np.mean(teacher_clean.argmax(-1) == labels)),
-                   "acc_perturbed": float(np.mean(teacher_noisy.argmax(-1) == labels)),
+    teacher_row = {"acc": accuracy(teacher_clean, labels), "acc_perturbed": accuracy(teacher_noisy, labels),
                    "rewrites_kept_label": float(np.mean(label_kept))}
     per_run = dict(sorted(per_run.items()))
     table = summarise(per_run)
