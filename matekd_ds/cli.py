@@ -119,30 +119,36 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    code = EXIT_FAILED
     try:
-        if args.command in ("train", "warmup-generator"):
-            return _train(args)
-        if args.command == "experiment":
-            from matekd_ds import experiment
-            return experiment.main(args.spec, dry_run=args.dry_run, launcher=args.launcher, report_only=args.report_only)
-        if args.command == "predict":
-            return _predict(args)
-        return _eval(args)
+        code = _run(args)
     except MatekdError as err:
         print(f"matekd: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         print("matekd: interrupted", file=sys.stderr)
-        return 130
+        code = 130
     except OSError as err:  # a full or read-only disk while writing: the last checkpoint is intact
         what = err.strerror or _one_line(err)
         where = f" {err.filename}" if getattr(err, "filename", None) else ""
         print(f"matekd: error: could not write{where}: {what}", file=sys.stderr)
-        return EXIT_FAILED
+        code = EXIT_FAILED
     finally:
         from matekd_ds import distributed
 
-        distributed.shutdown()
+        distributed.shutdown(wait_for_peers=code == 0)
+    return code
+
+
+def _run(args) -> int:
+    if args.command in ("train", "warmup-generator"):
+        return _train(args)
+    if args.command == "experiment":
+        from matekd_ds import experiment
+        return experiment.main(args.spec, dry_run=args.dry_run, launcher=args.launcher, report_only=args.report_only)
+    if args.command == "predict":
+        return _predict(args)
+    return _eval(args)
 
 
 def _train(args) -> int:

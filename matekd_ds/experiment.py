@@ -37,6 +37,8 @@ Spec (YAML):
     generator: {model: PATH, mlm_warmup: {matekd: {generator_mlm_warmup_steps: 300}}}
     transfer_sizes: [500, 1000, 2000] # optional; students per size, e.g. with a teacher trained
                                       # on everything: teacher.finetune.data.max_train_examples: null
+    extends: transfer_sets.yaml       # optional; this spec deep-merged over that one (path relative
+                                      # to this file): mappings merge key by key, lists replace
 """
 
 from __future__ import annotations
@@ -110,8 +112,26 @@ def _expand_env(value: Any, path: str | Path) -> Any:
     return value
 
 
+def _read_extended(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The spec deep-merged over the spec its `extends:` names (a path relative to this spec's
+    folder), so one arm of a sweep states only what it changes. Mappings merge key by key; lists
+    and values replace."""
+    if path.resolve() in chain:
+        raise MatekdError(f"experiment spec {chain[0]}: 'extends' comes back to {path}")
+    spec = read_config_file(path)
+    parent = spec.pop("extends", None)
+    if parent is None:
+        return spec
+    if not isinstance(parent, str) or not parent.strip():
+        raise MatekdError(f"experiment spec {path}: 'extends' must name a spec file, got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise MatekdError(f"experiment spec {path}: 'extends' names {parent_path}, which does not exist")
+    return merge(_read_extended(parent_path, (*chain, path.resolve())), spec)
+
+
 def read_spec(path: str | Path) -> dict[str, Any]:
-    spec = _expand_env(read_config_file(path), path)
+    spec = _expand_env(_read_extended(Path(path)), path)
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise MatekdError(f"experiment spec {path}: unknown key '{sorted(unknown)[0]}' (valid: {', '.join(sorted(SPEC_KEYS))})")

@@ -59,6 +59,42 @@ def test_bad_specs_are_refused_before_anything_runs(tmp_path, changes, fragment)
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_spec_extends_another_stating_only_what_changes(tmp_path):
+    base = _spec(tmp_path)
+    arm_dir = tmp_path / "arms"
+    arm_dir.mkdir()
+    arm = arm_dir / "arm.yaml"
+    arm.write_text(yaml.safe_dump({
+        "extends": "../spec.yaml",  # relative to the arm's folder, not the working directory
+        "methods": ["ft", "matekd-lw"],  # lists replace
+        "method_overrides": {"matekd-lw": {"method": "matekd", "matekd": {"loss_weights": [0.25, 0.25, 0.5]}}},
+        "base": {"train": {"lr": 5e-4}},  # mappings merge key by key
+        "report_dir": str(tmp_path / "arm-report"),
+    }))
+    spec = experiment.read_spec(arm)
+    assert "extends" not in spec
+    assert spec["methods"] == ["ft", "matekd-lw"]
+    assert set(spec["method_overrides"]) == {"matekd-fast", "matekd-lw"}
+    assert spec["base"]["train"] == {**TINY["base"]["train"], "lr": 5e-4}
+    assert spec["teacher"] == TINY["teacher"] and spec["output_dir"] == experiment.read_spec(base)["output_dir"]
+    lw = {r.name: r for r in experiment.plan(spec)}["matekd-lw-seed1"].config
+    assert lw["matekd"]["loss_weights"] == [0.25, 0.25, 0.5] and lw["train"]["lr"] == 5e-4
+
+
+@pytest.mark.parametrize("extends, fragment", [
+    ("missing.yaml", "'extends' names"),
+    ("arm.yaml", "'extends' comes back to"),
+    (["spec.yaml"], "'extends' must name a spec file"),
+])
+def test_bad_extends_is_refused(tmp_path, extends, fragment):
+    _spec(tmp_path)
+    arm = tmp_path / "arm.yaml"
+    arm.write_text(yaml.safe_dump({"extends": extends, "seeds": [1]}))
+    with pytest.raises(MatekdError) as err:
+        experiment.read_spec(arm)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
 def test_plan_prepares_first_then_goes_seed_by_seed(tmp_path):
     runs = experiment.plan(experiment.read_spec(_spec(tmp_path)))
     assert [r.name for r in runs[:2]] == ["teacher", "generator"]
