@@ -15,7 +15,8 @@ Per task, in order:
 Each run is a separate process (optionally under a launcher such as `deepspeed --num_gpus 8`),
 logs to logs/<run>.log beside its run directory, and is skipped when its metrics.json says
 "completed", so rerunning the same command resumes an interrupted sweep (an interrupted run
-continues from its checkpoint). Order: teachers and generators first, then seed by seed (within a
+continues from its checkpoint). SIGTERM or Ctrl-C to the runner reaches the running job too: it
+checkpoints and stops, and the runner exits with 128 + the signal. Order: teachers and generators first, then seed by seed (within a
 seed, smaller transfer sets first), so that a sweep cut short still covers every task. At the
 end: <out>/results.json (task -> method -> per-seed best dev main metric, in percent),
 results.md (mean ± std, and the students' mean training time), details.json (teacher scores,
@@ -47,10 +48,12 @@ import json
 import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,8 +263,37 @@ def _command(run: Run, config_path: Path, launcher: str | None) -> list[str]:
     return prefix + args
 
 
+class SweepStopped(Exception):
+    """A stop signal reached the runner; the job it was running saved what it could and stopped."""
+
+    def __init__(self, signum: int, label: str):
+        super().__init__(f"stopped during {label}; rerun the same command to resume")
+        self.exit_code = 128 + signum
+
+
+@contextmanager
+def _stops_passed_on_to(process: subprocess.Popen):
+    """While a job runs, SIGTERM or SIGINT to the runner (kill, a scheduler, Ctrl-C) goes on to
+    the job, which checkpoints at its next safe point and exits; the runner keeps logging until it
+    has, then stops the sweep. Yields a list that holds the signals received."""
+    received: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        received.append(signum)
+        if process.poll() is None:
+            process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def execute(run: Run, launcher: str | None) -> tuple[int, str]:
-    """Run one job to the end, its output to a log file; echo its evaluations. (rc, last error line)"""
+    """Run one job to the end, its output to a log file; echo its evaluations. (rc, last error line)
+    Raises SweepStopped if a stop signal arrived meanwhile."""
     logs = run.run_dir.parent / "logs"
     configs = run.run_dir.parent / "configs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -269,17 +301,20 @@ def execute(run: Run, launcher: str | None) -> tuple[int, str]:
     config_path = configs / f"{run.name}.yaml"
     config_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
     last_error = ""
-    with open(logs / f"{run.name}.log", "a") as log_file:
+    with open(logs / f"{run.name}.log", "a", buffering=1) as log_file:  # line by line: tail -f works
         process = subprocess.Popen(_command(run, config_path, launcher), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
         assert process.stdout is not None
-        for line in process.stdout:
-            log_file.write(line)
-            if any(marker in line for marker in ECHO_MARKERS):
-                print(f"    {line.rstrip()}", flush=True)
-            if line.startswith("matekd: error") or "Error" in line:
-                last_error = line.strip()
-        rc = process.wait()
+        with _stops_passed_on_to(process) as received:
+            for line in process.stdout:
+                log_file.write(line)
+                if any(marker in line for marker in ECHO_MARKERS):
+                    print(f"    {line.rstrip()}", flush=True)
+                if line.startswith("matekd: error") or "Error" in line:
+                    last_error = line.strip()
+            rc = process.wait()
+    if received:
+        raise SweepStopped(received[0], run.label)
     return rc, last_error
 
 
@@ -537,7 +572,11 @@ def main(spec_path: str, dry_run: bool = False, launcher: str | None = None, rep
             state = "done" if run.completed() else "todo"
             print(f"[{state}] {run.label:28s} {run.command} -> {run.run_dir}")
         return 0
-    problems = [] if report_only else run_all(runs, launcher)
+    try:
+        problems = [] if report_only else run_all(runs, launcher)
+    except SweepStopped as stop:
+        print(f"matekd: {stop}", file=sys.stderr)
+        return stop.exit_code
     write_report(spec, runs)
     if problems:
         print("[experiment] not finished: " + "; ".join(problems), file=sys.stderr)

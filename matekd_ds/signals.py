@@ -3,18 +3,23 @@
 A job scheduler preempting the run sends SIGTERM (a user, Ctrl-C). The first signal only sets a
 flag: the training loop checkpoints at its next step boundary and exits; between phases the run
 exits before starting the next one. Either way metrics.json says "interrupted" and `--resume`
-continues. A second signal gives up at once (KeyboardInterrupt).
+continues. A second signal gives up at once (KeyboardInterrupt), unless it comes within
+DUPLICATE_WINDOW_S of the first: that is the same stop delivered twice (Ctrl-C reaches the whole
+process group, and `matekd experiment` passes it on to its job as well).
 """
 
 from __future__ import annotations
 
 import signal
+import time
 
 from matekd_ds import distributed
 from matekd_ds.monitor import log
 
 EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect of a job that stopped on request
+DUPLICATE_WINDOW_S = 2.0
 _requested = False
+_requested_at = 0.0
 _installed = False
 
 
@@ -32,10 +37,12 @@ def install() -> None:
 
 
 def _on_signal(signum, frame) -> None:
-    global _requested
-    if _requested:  # second signal: give up at once
-        raise KeyboardInterrupt
-    _requested = True
+    global _requested, _requested_at
+    if _requested:
+        if time.monotonic() - _requested_at < DUPLICATE_WINDOW_S:
+            return  # the first stop, delivered twice
+        raise KeyboardInterrupt  # a second stop: give up at once
+    _requested, _requested_at = True, time.monotonic()
     log.warning(f"{signal.Signals(signum).name} received: stopping at the next safe point")
 
 

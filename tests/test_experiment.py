@@ -272,3 +272,46 @@ def test_a_tiny_transfer_set_sweep_runs_and_reports_per_size(tmp_path):
     metrics = json.loads((task_dir / "n64" / "ft-seed1" / "metrics.json").read_text())
     assert raw["synthetic@64"]["ft"] == pytest.approx([100 * metrics["best"]["dev"]["dev"]["main"]])
     assert "| matekd-fast |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("how", ["runner-only", "process-group"])
+def test_a_stop_signal_stops_the_running_job_cleanly_and_the_sweep_resumes(tmp_path, how):
+    """`kill RUNNER` (SIGTERM to the runner alone) reaches the job through the runner; Ctrl-C
+    (SIGINT to the whole process group) reaches it twice, which it takes as one stop. Either way the
+    job checkpoints and records "interrupted", nothing is left running, and rerunning resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+    from helpers import child_env
+
+    long = {**TINY["base"], "train": {**TINY["base"]["train"], "max_steps": 100000}, "eval": {"every_steps": 10000}}
+    path = _spec(tmp_path, methods=["ft"], seeds=[1], base=long)
+    runner = subprocess.Popen([sys.executable, "-m", "matekd_ds", "experiment", str(path)], cwd=tmp_path,
+                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    student_log = tmp_path / "sweep" / "synthetic" / "logs" / "ft-seed1.log"
+    deadline = time.time() + 300
+    while "] ft for " not in (student_log.read_text() if student_log.is_file() else ""):  # training started
+        assert runner.poll() is None and time.time() < deadline, runner.communicate()
+        time.sleep(0.5)
+    job = psutil.Process(runner.pid).children()
+    assert len(job) == 1
+    sig = signal.SIGTERM if how == "runner-only" else signal.SIGINT
+    if how == "runner-only":
+        os.kill(runner.pid, sig)
+    else:
+        os.killpg(runner.pid, sig)
+    out, err = runner.communicate(timeout=300)
+    assert runner.returncode == 128 + sig, out[-2000:] + err[-2000:]
+    assert "stopped during synthetic/ft-seed1; rerun the same command to resume" in err
+    assert not job[0].is_running() or job[0].status() == psutil.STATUS_ZOMBIE
+    metrics = json.loads((tmp_path / "sweep" / "synthetic" / "ft-seed1" / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted", metrics
+    assert "Traceback" not in student_log.read_text()
+    plan = {r.name: r for r in experiment.plan(experiment.read_spec(path))}
+    assert plan["teacher"].completed() and not plan["ft-seed1"].completed()
+    assert "--resume" in experiment._command(plan["ft-seed1"], path, None)  # a rerun continues it

@@ -228,3 +228,20 @@ def test_auto_resume_starts_fresh_then_resumes(tmp_path):
     again = train(out, "train.max_steps=14", flags=("--auto-resume",))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed at step 12" in again.stderr and metrics(out)["student"]["steps"] == 14
+
+
+def test_the_same_stop_delivered_twice_is_one_stop_and_a_later_second_gives_up(monkeypatch):
+    """Ctrl-C reaches the job directly and through `matekd experiment`: a second signal within
+    DUPLICATE_WINDOW_S is that same stop; a second one later gives up at once."""
+    from matekd_ds import signals
+
+    clock = [100.0]
+    monkeypatch.setattr(signals.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(signals, "_requested", False)
+    signals._on_signal(signal.SIGINT, None)
+    assert signals.requested()
+    clock[0] += signals.DUPLICATE_WINDOW_S / 2
+    signals._on_signal(signal.SIGINT, None)  # the duplicate: still just a stop request
+    clock[0] += signals.DUPLICATE_WINDOW_S
+    with pytest.raises(KeyboardInterrupt):
+        signals._on_signal(signal.SIGTERM, None)
