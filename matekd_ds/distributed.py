@@ -76,7 +76,8 @@ def _let_gloo_workers_let_go(seconds: float = 0.25) -> None:
     the process aborts ("terminate called without an active exception", exit -6: a core dump
     shows ~AsyncAllgatherWork in ProcessGroupGloo's worker). destroy_process_group does not join
     the workers while DeepSpeed still references the group, so give them the GIL for a moment
-    instead: without this, 1 run in 5-15 of tests/zero3_load_probe.py on 2 CPU ranks aborted."""
+    instead. tests/zero3_load_probe.py on 2 CPU ranks aborted in 3 of 15 runs before, 1 of 16 with
+    the barrier alone, 0 of 42 with this (12 of them with both cores saturated)."""
     import time
 
     time.sleep(seconds)

@@ -16,12 +16,13 @@ Each run is a separate process (optionally under a launcher such as `deepspeed -
 logs to logs/<run>.log beside its run directory, and is skipped when its metrics.json says
 "completed", so rerunning the same command resumes an interrupted sweep (an interrupted run
 continues from its checkpoint). SIGTERM or Ctrl-C to the runner reaches the running job too: it
-checkpoints and stops, and the runner exits with 128 + the signal. Order: teachers and generators first, then seed by seed (within a
-seed, smaller transfer sets first), so that a sweep cut short still covers every task. At the
-end: <out>/results.json (task -> method -> per-seed best dev main metric, in percent),
-results.md (mean ± std, and the students' mean training time), details.json (teacher scores,
-curves, times) and dev_curves.png. With `transfer_sizes`, each task and size is its own row,
-`<task>@<N>` (sst2@1000), every size of a task with the same teacher.
+checkpoints and stops, and the runner exits with 128 + the signal. Order: teachers and generators
+first, then seed by seed (within a seed, smaller transfer sets first), so that a sweep cut short
+still covers every task. At the end: <out>/results.json (task -> method -> per-seed best dev
+main metric, in percent), results.md (mean ± std, and the students' mean training time),
+details.json (teacher scores, curves, times) and dev_curves.png. With `transfer_sizes`, each
+task and size is its own row, `<task>@<N>` (sst2@1000), every size of a task with the same
+teacher.
 
 Spec (YAML):
     output_dir: runs/minilm-glue
