@@ -1,10 +1,16 @@
 """`matekd experiment`: spec checks, the plan, a tiny real sweep that resumes, and the report."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 import yaml
-from helpers import run_cli
+from helpers import child_env, run_cli
 
 from matekd_ds import experiment
 from matekd_ds.config import config_from_dict, merge
@@ -279,15 +285,6 @@ def test_a_stop_signal_stops_the_running_job_cleanly_and_the_sweep_resumes(tmp_p
     """`kill RUNNER` (SIGTERM to the runner alone) reaches the job through the runner; Ctrl-C
     (SIGINT to the whole process group) reaches it twice, which it takes as one stop. Either way the
     job checkpoints and records "interrupted", nothing is left running, and rerunning resumes."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-    from helpers import child_env
-
     long = {**TINY["base"], "train": {**TINY["base"]["train"], "max_steps": 100000}, "eval": {"every_steps": 10000}}
     path = _spec(tmp_path, methods=["ft"], seeds=[1], base=long)
     runner = subprocess.Popen([sys.executable, "-m", "matekd_ds", "experiment", str(path)], cwd=tmp_path,
