@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "matekd_ds", "matekd_ds.data", "matekd_ds.methods", "matekd_ds.configs",
-        "matekd_ds.kernels", "matekd_ds.ds_configs",
+        "matekd_ds.kernels", "matekd_ds.ds_configs", "matekd_ds.experiment",
     ],
     # The Triton kernels live in kernels/ and the DeepSpeed presets in ds_configs/ at the top of
     # the repository, but install inside matekd_ds: a top-level `kernels` package would shadow
@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.9,<3.10"],
-        "test": ["pytest>=8", "triton>=3.9,<3.10", "scipy"],
+        "test": ["pytest>=8", "triton>=3.9,<3.10", "scipy", "ruff==0.17.6"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["matekd=matekd_ds.cli:main"]},

@@ -35,8 +35,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, run as a script
-from harness import (  # noqa: E402
-    REPO, RESULTS, PeakMemory, device_name, device_slug, median_ms, provenance, pyplot, save_json, today,
+from harness import (
+    REPO,
+    RESULTS,
+    PeakMemory,
+    device_name,
+    device_slug,
+    median_ms,
+    provenance,
+    pyplot,
+    save_json,
+    today,
 )
 
 PEAK_HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}  # SXM parts
@@ -87,7 +96,7 @@ def load_kernels():
 def load_liger_kl():
     try:
         from liger_kernel.transformers import LigerKLDIVLoss
-    except Exception as exc:  # noqa: BLE001 - any failure just means "not available"
+    except Exception as exc:  # any failure just means "not available"
         return None, f"liger_kernel not importable ({type(exc).__name__}: {exc})"
     return LigerKLDIVLoss(reduction="batchmean", log_target=True), ""
 
@@ -207,7 +216,10 @@ def kl_impls(kernels, on_gpu, compile_fn, liger):
     if compile_fn:
         impls["compiled_official"] = (compile_fn(official_kl), False)
     if on_gpu:
-        triton_kl = lambda s, t: kernels.kl_div(s, t, TEMPERATURE, scale_t2=True, backend="triton")  # noqa: E731
+
+        def triton_kl(s, t):
+            return kernels.kl_div(s, t, TEMPERATURE, scale_t2=True, backend="triton")
+
         impls["matekd_triton"] = (triton_kl, False)
         impls["matekd_triton_teacher_grad"] = (triton_kl, True)  # MATE-KD generator step
         if liger is not None:
@@ -254,17 +266,23 @@ def run_case(case, impls, device, dtype, repeats, warmup, peak_gbps):
         x = (torch.randn(rows, cols, generator=gen) * 2).to(device, dtype).requires_grad_(op != "gumbel_ids")
         if op.startswith("gumbel"):
             inputs, grad = [x], torch.randn(rows, cols, generator=gen).to(device, dtype)
-            make_loss = lambda fn=fn, x=x: fn(x)  # noqa: E731
+
+            def make_loss(fn=fn, x=x):
+                return fn(x)
+
             byte_model = _BYTES[op]
         else:
             t = (torch.randn(rows, cols, generator=gen) * 2).to(device, dtype).requires_grad_(teacher_grad)
             inputs, grad = [x, t], None
-            make_loss = lambda fn=fn, x=x, t=t: fn(x, t)  # noqa: E731
+
+            def make_loss(fn=fn, x=x, t=t):
+                return fn(x, t)
+
             byte_model = _BYTES["kl_teacher_grad" if teacher_grad else "kl"]
         try:
             res = bench_impl(make_loss, inputs, grad, device, repeats, warmup)
             add_bandwidth(res, rows * cols, x.element_size(), byte_model, peak_gbps)
-        except Exception as exc:  # noqa: BLE001 - e.g. torch.compile failing: record and go on
+        except Exception as exc:  # e.g. torch.compile failing: record and go on
             res = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
         results[impl_name] = res
         del inputs, x
@@ -379,7 +397,7 @@ def print_aot_table(rows: list[dict]) -> None:
 
 
 def run_aot(args) -> dict:
-    kernels = load_kernels()  # noqa: F841 - matekd_ds.kernels must be importable before its aot submodule
+    load_kernels()  # matekd_ds.kernels must be importable before its aot submodule
     from matekd_ds.kernels import aot
 
     case_args = {"vocab": [aot.ESTIMATE_COLS, *aot.SMALL_ESTIMATE_COLS], "rows": [aot.ESTIMATE_ROWS],

@@ -5,11 +5,14 @@ against world size and ZeRO stage, and the ZeRO-3 teacher's parameter bytes per 
     python benchmarks/bench_scale.py --preset cpu|gpu [--worlds 1,2] [--stages 0,1,2,3]
         [--cycles N] [--out DIR | --no-save] [KEY=VALUE ...]
 
-For each world size W the script launches one `deepspeed --num_gpus W` job (a plain process for
-W=1) of itself in worker mode; on a machine without GPUs the ranks are CPU processes (gloo). The
-worker, for each ZeRO stage S, builds the student and generator engines at stage S (same random
-weights on every rank) and the teacher (a plain frozen module below stage 3; at stage 3 a ZeRO-3
-inference engine, deepspeed.teacher=teacher-inference), then:
+The preset is a run config, benchmarks/presets/scale-<preset>.yaml, and KEY=VALUE are run-config
+overrides on top of it. For each world size W the script launches one `deepspeed --num_gpus W`
+job (a plain process for W=1) of itself in worker mode; on a machine without GPUs the ranks are
+CPU processes (gloo). The worker, for each ZeRO stage S, builds the run as `matekd train` does
+(matekd_ds/assembly.py: run_inputs, then build_run) with deepspeed.student and
+deepspeed.generator = zero<S> and, at stage 3, deepspeed.teacher = teacher-inference (a ZeRO-3
+inference engine; below it the teacher is a plain frozen module); every model is built straight
+into its partitions where its engine is ZeRO-3, with the same random weights on every rank; then:
 
 * parameters: bytes each rank holds after the engines are built (matekd_ds.partition.param_bytes:
   a ZeRO-3 parameter counts its partition plus any full copy resident at that moment);
@@ -20,8 +23,9 @@ inference engine, deepspeed.teacher=teacher-inference), then:
 * optimizer state: bytes after the first step: AdamW moments plus the fp32 master copies that
   ZeRO (or bf16) keeps, counted once per storage;
 * the teacher as a ZeRO-3 inference engine, always, for its per-rank parameter bytes;
-* throughput: `--cycles` MATE-KD cycles (1 generator : 4 student steps) after one warm-up
-  cycle, global samples/s (every rank runs micro_batch_size examples per step).
+* throughput: `--cycles` MATE-KD cycles (the preset's n_G : n_S, 1 : 4) after one warm-up
+  cycle on random-token rows drawn as the trainer draws them, global samples/s (every rank runs
+  micro_batch_size examples per step).
 On a GPU it also records torch.cuda.max_memory_allocated per stage.
 
 Memory is the maximum over ranks. Output: a table, JSON and a plot (per-rank bytes and
@@ -35,6 +39,7 @@ rank; needs 1 and 2 in --worlds).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -42,31 +47,43 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from harness import RESULTS, device_slug, provenance, pyplot, release_memory, save_json, today
 
-from harness import RESULTS, apply_overrides, device_slug, provenance, pyplot, release_memory, save_json, today
+PRESETS = Path(__file__).resolve().parent / "presets"
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": {
-        "models": {"vocab_size": 8000, "teacher": [4, 256, 4, 1024], "student": [2, 128, 2, 512],
-                   "generator": [2, 128, 2, 512],  # layers, hidden, heads, ffn
-                   "load_teacher": [8, 1024, 16, 4096]},  # 108M parameters, 433 MB in fp32
-        "train": {"micro_batch_size": 8, "seq_len": 64, "dtype": "fp32", "lr": 1e-4, "clip": 5.0},
-        "bench": {"cycles": 2, "worlds": [1, 2], "stages": [0, 1, 2, 3], "threads": 1, "shard_mb": 100},
-    },
-    "gpu": {
-        "models": {"vocab_size": 50265, "teacher": [24, 1024, 16, 4096], "student": [6, 768, 12, 3072],
-                   "generator": [6, 768, 12, 3072],  # roberta-large teacher, distilroberta-size student
-                   "load_teacher": [48, 1536, 16, 6144]},  # 1.4B parameters
-        "train": {"micro_batch_size": 32, "seq_len": 128, "dtype": "bf16", "lr": 2e-5, "clip": 5.0},
-        "bench": {"cycles": 3, "worlds": [1, 2, 4, 8], "stages": [0, 1, 2, 3], "threads": 0, "shard_mb": 2000},
-    },
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """What a preset's measurement needs beyond its run config."""
+
+    cycles: int
+    worlds: tuple[int, ...]
+    stages: tuple[int, ...]
+    threads: int  # torch intra-op threads per rank, 0 = torch's default
+    shard_mb: int  # shard size of the big teacher's checkpoint (the construction measurement)
+    load_teacher: tuple[int, int, int, int, int]  # its layers, hidden, heads, ffn, vocabulary
+
+
+SETTINGS = {
+    "cpu": ScaleSettings(2, (1, 2), (0, 1, 2, 3), 1, 100, (8, 1024, 16, 4096, 8000)),  # 108M parameters, 433 MB in fp32
+    "gpu": ScaleSettings(3, (1, 2, 4, 8), (0, 1, 2, 3), 0, 2000, (48, 1536, 16, 6144, 50265)),  # 1.4B parameters
 }
-SPECIAL = {"pad": 0, "cls": 1, "sep": 2, "mask": 3}
-N_G, N_S = 1, 4  # generator : student steps per timed cycle
+
+
+def load_preset(name: str, overrides: list[str]):
+    from matekd_ds.config import load_config
+
+    return load_config(PRESETS / f"scale-{name}.yaml", overrides)
+
+
+def stage_overrides(stage: int) -> list[str]:
+    teacher = "teacher-inference" if stage == 3 else "none"
+    return [f"deepspeed.student=zero{stage}", f"deepspeed.generator=zero{stage}", f"deepspeed.teacher={teacher}"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +99,8 @@ def _storage_bytes(tensors) -> int:
         if not isinstance(t, torch.Tensor) or t.numel() == 0:
             continue
         start = t.storage_offset() * t.element_size()
-        length = (t.numel() if t.is_contiguous() else t.untyped_storage().nbytes() // t.element_size()) * t.element_size()
+        length = (t.numel() if t.is_contiguous() else t.untyped_storage().nbytes() // t.element_size()) \
+            * t.element_size()
         spans.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((start, start + length))
     total = 0
     for ranges in spans.values():
@@ -139,49 +157,26 @@ def optimizer_bytes(engine) -> int:
     return _storage_bytes(tensors)
 
 
-def bert_config(config: dict, shape):
+def bert_config(shape: tuple[int, int, int, int, int]) -> Any:
     from transformers import BertConfig
 
-    layers, hidden, heads, ffn = shape
-    return BertConfig(vocab_size=config["models"]["vocab_size"], hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, intermediate_size=ffn, pad_token_id=SPECIAL["pad"],
-                      max_position_embeddings=512, num_labels=2)
+    layers, hidden, heads, ffn, vocab_size = shape
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=ffn, max_position_embeddings=512, num_labels=2)
 
 
-def build_models(config: dict, zero3: dict | None = None) -> dict:
-    """Random-weight teacher, student and generator. `zero3`: role -> the ZeRO-3 config to build
-    that model straight into its partitions with (the product's path for ZeRO-3 models)."""
-    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
-
-    from matekd_ds.zero3_load import build_partitioned, init_missing
-
-    m, zero3 = config["models"], zero3 or {}
-    classes = {"teacher": AutoModelForSequenceClassification, "student": AutoModelForSequenceClassification,
-               "generator": AutoModelForMaskedLM}
-    torch.manual_seed(0)  # the same weights on every rank
-    out = {}
-    for role, auto in classes.items():
-        factory = (lambda a=auto, r=role: a.from_config(bert_config(config, m[r])))
-        if role in zero3:
-            out[role] = build_partitioned(factory, zero3[role])
-            init_missing(out[role], [name for name, _ in out[role].named_parameters()])
-        else:
-            out[role] = factory()
-    return out
-
-
-def save_sharded_teacher(config: dict, folder: Path) -> int:
+def save_sharded_teacher(settings: ScaleSettings, folder: Path) -> int:
     """The big teacher of the construction measurement, saved as several safetensors shards;
     returns its parameter bytes."""
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(bert_config(config, config["models"]["load_teacher"]))
-    model.save_pretrained(folder, max_shard_size=f"{config['bench']['shard_mb']}MB")
+    model = AutoModelForSequenceClassification.from_config(bert_config(settings.load_teacher))
+    model.save_pretrained(folder, max_shard_size=f"{settings.shard_mb}MB")
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def measure_teacher_load(config: dict, folder: Path) -> dict:
+def measure_teacher_load(cfg, folder: Path) -> dict:
     """Host memory of building the ZeRO-3 (teacher-inference) teacher from its sharded
     checkpoint through the product's loader: peak RSS during construction minus RSS before."""
     from harness import PeakMemory, rss_bytes, trim_malloc
@@ -191,14 +186,13 @@ def measure_teacher_load(config: dict, folder: Path) -> dict:
     from matekd_ds.ds_config import finalize_teacher_ds_config, read_ds_config
     from matekd_ds.partition import param_bytes
 
-    t = config["train"]
-    ds = finalize_teacher_ds_config(read_ds_config("teacher-inference"), micro_batch=t["micro_batch_size"],
-                                    world_size=distributed.world_size(), dtype=t["dtype"])
+    ds = finalize_teacher_ds_config(read_ds_config("teacher-inference"), micro_batch=cfg.train.micro_batch_size,
+                                    world_size=distributed.world_size(), dtype=cfg.train.dtype)
     # warm-up: a tiny model of the same class through the same path, so that the code transformers
     # and DeepSpeed import on first use (about 200 MiB here) is not counted as the teacher's
     warm = folder.parent / "warm_up_teacher"
     if distributed.is_main():
-        tiny = bert_config(config, [1, 32, 2, 64])
+        tiny = bert_config((1, 32, 2, 64, 64))
         AutoModelForSequenceClassification.from_config(tiny).save_pretrained(warm)
     distributed.barrier()
     models.load_classifier("teacher", str(warm), 2, None, False, zero3_config=ds)
@@ -216,67 +210,55 @@ def measure_teacher_load(config: dict, folder: Path) -> dict:
             "param_rank_bytes": held["rank_bytes"], "param_full_bytes": held["full_bytes"]}
 
 
-def make_batches(config: dict, n: int, rank: int, device) -> list[dict]:
-    t, vocab = config["train"], config["models"]["vocab_size"]
-    g = torch.Generator().manual_seed(1000 + rank)
-    batches = []
-    for i in range(n):
-        b, seq = t["micro_batch_size"], t["seq_len"]
-        lengths = torch.randint(seq // 2, seq + 1, (b,), generator=g)
-        ids = torch.randint(len(SPECIAL), vocab, (b, seq), generator=g)
-        attention = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-        ids[:, 0] = SPECIAL["cls"]
-        ids[torch.arange(b), lengths - 1] = SPECIAL["sep"]
-        ids = ids.masked_fill(attention == 0, SPECIAL["pad"])
-        batch = {"input_ids": ids, "attention_mask": attention, "labels": torch.randint(0, 2, (b,), generator=g),
-                 "index": torch.arange(i * b, (i + 1) * b)}
-        batches.append({k: v.to(device) for k, v in batch.items()})
-    return batches
+def rank_batches(inputs, count: int) -> list[dict]:
+    """This rank's first `count` micro-batches of random-token rows, drawn as the trainer draws
+    them (every rank holds the same rows; rank r takes slice r of each global batch)."""
+    from harness import random_token_rows
 
-
-def measure_stage(config: dict, stage: int, device) -> dict:
     from matekd_ds import distributed
-    from matekd_ds.ds_config import finalize_ds_config, finalize_teacher_ds_config, read_ds_config
-    from matekd_ds.engines import EngineSpec, build_engine, build_teacher_engine, place_frozen_teacher
-    from matekd_ds.methods import MateKD
-    from matekd_ds.partition import param_bytes
-    from matekd_ds.perturb import Perturber
-    from matekd_ds.teacher import Teacher
+    from matekd_ds.data.batching import TrainStream, collate, to_device
 
+    cfg, tokenizer = inputs.cfg, inputs.tokenizer
+    world, micro = distributed.world_size(), cfg.train.micro_batch_size
+    vocab = models_vocab(inputs)
+    rows = random_token_rows(count * world * micro, cfg.data.max_length, vocab, tokenizer.all_special_ids,
+                             tokenizer.cls_token_id, tokenizer.sep_token_id, inputs.data.spec.num_labels,
+                             seed=cfg.train.seed + 1, mean_fraction=0.75, sigma=0.2)
+    stream = TrainStream.over(rows, micro, distributed.rank(), world, cfg.train.seed).batches()
+    return rows, [to_device(collate(rows, next(stream), inputs.pad_id), distributed.device()) for _ in range(count)]
+
+
+def models_vocab(inputs) -> int:
+    from matekd_ds.inputs import structure
+    from matekd_ds.models import vocab_size
+
+    return vocab_size(structure(inputs.models.generator))
+
+
+def measure_stage(base_overrides: list[str], preset: str, settings: ScaleSettings, stage: int, device) -> dict:
     from harness import PeakMemory, rss_bytes, trim_malloc
 
-    t = config["train"]
-    world, dtype = distributed.world_size(), t["dtype"]
-    spec = f"zero{stage}" + ("+bf16" if dtype == "bf16" else "+fp16" if dtype == "fp16" else "")
+    from matekd_ds import distributed
+    from matekd_ds.assembly import build_run, run_engines, run_inputs
+    from matekd_ds.partition import param_bytes
+    from matekd_ds.trainer import micro_seeds
 
-    def ds(clip):
-        return finalize_ds_config(read_ds_config(spec), micro_batch=t["micro_batch_size"], grad_accum=1,
-                                  world_size=world, clip=clip, dtype=dtype, zero_stage=None)
-
-    teacher_ds = finalize_teacher_ds_config(read_ds_config("teacher-inference"), micro_batch=t["micro_batch_size"],
-                                            world_size=world, dtype=dtype)
+    cfg = load_preset(preset, [*base_overrides, *stage_overrides(stage)])
+    world, cycle = distributed.world_size(), cfg.matekd.generator_steps + cfg.matekd.student_steps
     trim_malloc()
     rss_start = rss_bytes()
     construction = PeakMemory(torch.device("cpu")).__enter__()
-    zero3 = {"teacher": teacher_ds, "student": ds(t["clip"]), "generator": ds(t["clip"])} if stage == 3 else None
-    models = build_models(config, zero3)
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    never = 10**9
-    student = build_engine(models["student"], EngineSpec("student", ds(t["clip"]), t["lr"], 0.01, never))
-    generator = build_engine(models["generator"], EngineSpec("generator", ds(t["clip"]), t["lr"], 0.0, never,
-                                                             schedule="constant"))
-    teacher_engine = None
-    if stage == 3:
-        teacher_engine = build_teacher_engine(models["teacher"], teacher_ds)
-        teacher = teacher_engine.module
-    else:
-        teacher = place_frozen_teacher(models["teacher"], dtype, device)
+    inputs = run_inputs(cfg)
+    rows, batches = rank_batches(inputs, cycle)
+    inputs = dataclasses.replace(inputs, train=rows)
+    _, method = build_run(inputs)
+    student, generator, teacher = method.student, method.generator, method.teacher
     memory: dict[str, dict[str, int]] = {role: {"params": param_bytes(module)["rank_bytes"]}
-                                         for role, module in (("teacher", teacher), ("student", student.module),
+                                         for role, module in (("teacher", teacher.module), ("student", student.module),
                                                               ("generator", generator.module))}
-    memory["teacher"]["full"] = param_bytes(teacher)["full_bytes"]
+    memory["teacher"]["full"] = param_bytes(teacher.module)["full_bytes"]
 
     # gradients right before the first optimizer step, optimizer state right after it
     for role, engine in (("student", student), ("generator", generator)):
@@ -292,72 +274,85 @@ def measure_stage(config: dict, stage: int, device) -> dict:
             return out
 
         engine.step = step
-    perturber = Perturber(sorted(SPECIAL.values()), SPECIAL["mask"], 0.3, 1.0)
-    project_teacher = Teacher(teacher, engine=teacher_engine)
-    method = MateKD(student, generator, project_teacher, perturber, regression=False,
-                    temperature=1.0, loss_weights=[1 / 3] * 3, generator_steps=N_G, student_steps=N_S)
-    cycle = N_G + N_S
-    batches = make_batches(config, cycle, distributed.rank(), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def run_cycle(start: int) -> None:
+    def run_cycle(method, start: int) -> None:  # method passed in: it is deleted below
         for i, batch in enumerate(batches):
             step = start + i
-            method.train_step([batch], step, [step * 7919 + distributed.rank()])
+            method.train_step([batch], step, micro_seeds(cfg.train.seed, "student", step, distributed.rank(), 1))
 
     construction.__exit__(None, None, None)
     rss_built = rss_bytes()
     with PeakMemory(torch.device("cpu")) as training:
-        run_cycle(0)  # warm-up; also fills the memory figures
+        run_cycle(method, 0)  # warm-up; also fills the memory figures
         sync()
         distributed.barrier()
         started = time.perf_counter()
-        for c in range(config["bench"]["cycles"]):
-            run_cycle((c + 1) * cycle)
+        for c in range(settings.cycles):
+            run_cycle(method, (c + 1) * cycle)
         sync()
         distributed.barrier()
         seconds = time.perf_counter() - started
-    steps = config["bench"]["cycles"] * cycle
+    steps = settings.cycles * cycle
     # what stays resident between steps (ZeRO-3: partitions plus any full copy still gathered)
-    project_teacher.release()  # as after every generator step
-    for role, module in (("teacher", teacher), ("student", student.module), ("generator", generator.module)):
+    teacher.release()  # as after every generator step
+    for role, module in (("teacher", teacher.module), ("student", student.module), ("generator", generator.module)):
         memory[role]["params_between_steps"] = param_bytes(module)["rank_bytes"]
     memory["host"] = {"rss_construction_peak_growth": construction.peak_extra,
                       "rss_training_peak_growth": rss_built - rss_start + training.peak_extra}
     out = {
         "stage": stage, "world_size": world, "memory": memory,
-        "samples_per_s": steps * t["micro_batch_size"] * world / seconds, "step_seconds": seconds / steps,
+        "samples_per_s": steps * cfg.train.micro_batch_size * world / seconds, "step_seconds": seconds / steps,
         "peak_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
     # the ZeRO-3 teacher's bytes per rank, whatever the stage of the trained engines
-    if teacher_engine is None:
-        probe = build_teacher_engine(build_models(config, {"teacher": teacher_ds})["teacher"], teacher_ds)
+    if teacher.engine is None:
+        probe_inputs = run_inputs(load_preset(preset, [*base_overrides, "deepspeed.teacher=teacher-inference"]))
+        probe = run_engines(probe_inputs).frozen_teacher(probe_inputs.models.teacher, device)
         out["teacher_zero3_rank_bytes"] = param_bytes(probe.module)["rank_bytes"]  # at rest: no steps here
-        probe.destroy()
+        probe.engine.destroy()
+        del probe, probe_inputs
     else:
         out["teacher_zero3_rank_bytes"] = memory["teacher"]["params_between_steps"]
-    for engine in (student, generator, teacher_engine):
+    for engine in (student, generator, teacher.engine):
         if engine is not None:
             engine.destroy()
-    del method, student, generator, teacher, project_teacher, teacher_engine, models
+    del method, student, generator, teacher, inputs
     release_memory(device)
     return out
 
 
-def worker(config: dict, out: Path) -> None:
+@dataclass(frozen=True)
+class Job:
+    """What the driver hands every world's worker: the preset, its overrides, the settings and
+    the big teacher's checkpoint."""
+
+    preset: str
+    overrides: list[str]
+    settings: ScaleSettings
+    load_teacher_dir: str
+
+    @classmethod
+    def from_json(cls, text: str) -> Job:
+        data = json.loads(text)
+        return cls(data["preset"], data["overrides"], ScaleSettings(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in data["settings"].items()}), data["load_teacher_dir"])
+
+
+def worker(job: Job, out: Path) -> None:
     from matekd_ds import distributed
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
-    if config["bench"]["threads"]:
-        torch.set_num_threads(config["bench"]["threads"])
+    if job.settings.threads:
+        torch.set_num_threads(job.settings.threads)
     distributed.init()
     device = distributed.device()
-    load = measure_teacher_load(config, Path(config["bench"]["load_teacher_dir"]))
+    load = measure_teacher_load(load_preset(job.preset, job.overrides), Path(job.load_teacher_dir))
     per_rank = distributed.gather_objects(load)
     results = {"teacher_load": {key: max(r[key] for r in per_rank) for key in load} | {"per_rank": per_rank},
                "stages": []}
-    for stage in config["bench"]["stages"]:
-        result = measure_stage(config, stage, device)
+    for stage in job.settings.stages:
+        result = measure_stage(job.overrides, job.preset, job.settings, stage, device)
         # the maximum over ranks of every byte count
         gathered = distributed.gather_objects(result)
         for role in result["memory"]:
@@ -367,7 +362,8 @@ def worker(config: dict, out: Path) -> None:
         result["teacher_zero3_rank_bytes"] = max(r["teacher_zero3_rank_bytes"] for r in gathered)
         results["stages"].append(result)
         if distributed.is_main():
-            print(f"[bench] world {result['world_size']} stage {stage}: {result['samples_per_s']:.1f} samples/s", flush=True)
+            print(f"[bench] world {result['world_size']} stage {stage}: {result['samples_per_s']:.1f} samples/s",
+                  flush=True)
     if distributed.is_main():
         out.write_text(json.dumps(results, indent=2))
     distributed.shutdown()
@@ -377,10 +373,10 @@ def worker(config: dict, out: Path) -> None:
 # Driver
 
 
-def launch_world(config: dict, world: int, folder: Path) -> dict:
-    cfg_path, out = folder / f"config_{world}.json", folder / f"world_{world}.json"
-    cfg_path.write_text(json.dumps(config))
-    script = [str(Path(__file__).resolve()), "--worker", str(cfg_path), str(out)]
+def launch_world(job: Job, world: int, folder: Path) -> dict:
+    job_path, out = folder / f"job_{world}.json", folder / f"world_{world}.json"
+    job_path.write_text(json.dumps(dataclasses.asdict(job)))
+    script = [str(Path(__file__).resolve()), "--worker", str(job_path), str(out)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     if world == 1:
         command = [sys.executable, *script]
@@ -420,7 +416,10 @@ def print_table(rows: list[dict]) -> None:
     print(f"{head[0]:>3} {head[1]:>5} {head[2]:>32} {head[3]:>32} {head[4]:>14} {head[5]:>10}")
     for r in rows:
         m = r["memory"]
-        cols = lambda role, keys: "/".join(mib(m[role].get(k)) for k in keys)  # noqa: E731
+
+        def cols(role, keys, m=m):
+            return "/".join(mib(m[role].get(k)) for k in keys)
+
         full = ("params", "params_between_steps", "grads", "grad_buckets", "optimizer")
         print(f"{r['world_size']:>3} {r['stage']:>5} {cols('student', full):>32} {cols('generator', full):>32} "
               f"{cols('teacher', full[:2]):>14} {r['samples_per_s']:>10.1f}")
@@ -454,7 +453,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--preset", choices=sorted(SETTINGS), default="cpu",
+                        help="benchmarks/presets/scale-<preset>.yaml, a run config")
     parser.add_argument("--worlds", help="comma-separated world sizes (default: the preset's, capped at the GPUs)")
     parser.add_argument("--stages", help="comma-separated ZeRO stages (default 0,1,2,3)")
     parser.add_argument("--cycles", type=int, help="timed MATE-KD cycles per stage")
@@ -462,49 +462,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-save", action="store_true", help="print only; write no JSON or plot")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="run-config overrides")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        worker(json.loads(Path(args.worker[0]).read_text()), Path(args.worker[1]))
+        worker(Job.from_json(Path(args.worker[0]).read_text()), Path(args.worker[1]))
         return
-    config = apply_overrides(PRESETS[args.preset], args.overrides)
+    from matekd_ds.errors import MatekdError
+
+    try:
+        cfg = load_preset(args.preset, args.overrides)  # a bad override: one line, before any rank starts
+    except MatekdError as err:
+        raise SystemExit(f"bench_scale: error: {err}") from None
+    settings = SETTINGS[args.preset]
     on_gpu = torch.cuda.is_available()
-    if args.worlds:
-        config["bench"]["worlds"] = [int(w) for w in args.worlds.split(",")]
-    elif on_gpu:
-        config["bench"]["worlds"] = [w for w in config["bench"]["worlds"] if w <= torch.cuda.device_count()]
-    if args.stages:
-        config["bench"]["stages"] = [int(s) for s in args.stages.split(",")]
-    if args.cycles is not None:
-        config["bench"]["cycles"] = args.cycles
-    if config["train"]["dtype"] != "fp32" and not on_gpu:
-        raise SystemExit(f"preset {args.preset} runs in {config['train']['dtype']}: it needs a GPU (use --preset cpu)")
+    worlds = tuple(int(w) for w in args.worlds.split(",")) if args.worlds else \
+        tuple(w for w in settings.worlds if not on_gpu or w <= torch.cuda.device_count())
+    stages = tuple(int(s) for s in args.stages.split(",")) if args.stages else settings.stages
+    settings = dataclasses.replace(settings, worlds=worlds, stages=stages,
+                                   cycles=settings.cycles if args.cycles is None else args.cycles)
+    if cfg.train.dtype != "fp32" and not on_gpu:
+        raise SystemExit(f"preset {args.preset} runs in {cfg.train.dtype}: it needs a GPU (use --preset cpu)")
     out_dir = None if args.no_save else (args.out or (RESULTS if on_gpu else None))
     if not args.no_save and out_dir is None:
-        raise SystemExit("on a CPU give --out DIR (CPU results are not committed under benchmarks/results/) or --no-save")
+        raise SystemExit("on a CPU give --out DIR (CPU results are not committed under benchmarks/results/) "
+                         "or --no-save")
     rows: list[dict] = []
     loads: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "load_teacher"
-        teacher_bytes = save_sharded_teacher(config, checkpoint)
-        config["bench"]["load_teacher_dir"] = str(checkpoint)
+        teacher_bytes = save_sharded_teacher(settings, checkpoint)
+        job = Job(args.preset, list(args.overrides), settings, str(checkpoint))
         print(f"[bench] sharded teacher checkpoint: {teacher_bytes / 2**20:.0f} MiB in "
               f"{len(list(checkpoint.glob('*.safetensors')))} safetensors shards", flush=True)
-        for world in config["bench"]["worlds"]:
-            result = launch_world(config, world, Path(tmp))
+        for world in settings.worlds:
+            result = launch_world(job, world, Path(tmp))
             rows.extend(result["stages"])
             loads[world] = result["teacher_load"]
     print_table(rows)
     print_load_table(loads, teacher_bytes)
     by_world = {r["world_size"]: r["teacher_zero3_rank_bytes"] for r in rows}
     ratio = by_world[2] / by_world[1] if 1 in by_world and 2 in by_world else float("nan")
-    rss_ratio = (loads[2]["rss_peak_growth"] / loads[1]["rss_peak_growth"]) if 1 in loads and 2 in loads else float("nan")
+    rss_ratio = (loads[2]["rss_peak_growth"] / loads[1]["rss_peak_growth"]) if 1 in loads and 2 in loads \
+        else float("nan")
     payload = {
-        **provenance(preset=args.preset), "config": config,
+        **provenance(preset=args.preset), "config": cfg.to_dict(), "settings": dataclasses.asdict(settings),
         "rows": rows, "teacher_zero3_rank_bytes_by_world": by_world, "teacher_param_bytes_ratio_2v1": ratio,
         "teacher_load": {"checkpoint_param_bytes": teacher_bytes, "by_world": loads},
         "teacher_load_peak_rss_ratio_2v1": rss_ratio,

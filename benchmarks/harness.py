@@ -1,5 +1,6 @@
-"""What every benchmark shares: where results go and where they came from, the device, KEY=VALUE
-overrides, timing, memory and per-model profiling. A benchmark script only says what it measures.
+"""What every benchmark shares: where results go and where they came from, the device, random-token
+training rows, timing, memory and per-model profiling. A benchmark script only says what it
+measures; what it runs is built from a run config by matekd_ds/assembly.py.
 
 Import it from a script in benchmarks/ (the folder is put on sys.path by running the script):
     from harness import provenance, save_json, median_ms, ...
@@ -8,12 +9,12 @@ Import it from a script in benchmarks/ (the folder is put on sys.path by running
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import datetime
 import gc
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -43,7 +44,7 @@ def git_commit() -> str:
                                  capture_output=True, text=True, timeout=10)
         # "+dirty": the result was measured on uncommitted changes to tracked files on top of HEAD
         return (out.stdout.strip() or "unknown") + ("+dirty" if tracked.stdout.strip() else "")
-    except Exception:  # noqa: BLE001 - no git, not a checkout: the result still gets written
+    except Exception:  # no git, not a checkout: the result still gets written
         return "unknown"
 
 
@@ -53,7 +54,7 @@ def versions() -> dict[str, str]:
     for name in ("deepspeed", "transformers", "triton"):
         try:
             out[name] = __import__(name).__version__
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # not installed, or broken: reported, not fatal
             out[name] = f"unavailable ({type(exc).__name__})"
     return out
 
@@ -66,7 +67,8 @@ def device_name(device: torch.device | None = None) -> str:
     device = device or default_device()
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def device_slug(device: torch.device | None = None) -> str:
@@ -103,7 +105,7 @@ def pyplot():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # not installed, or broken: no plot, the results are unaffected
         print(f"[bench] no plot: matplotlib is not importable ({type(exc).__name__}); pip install -e '.[bench]'")
         return None
     return plt
@@ -116,40 +118,26 @@ def quiet_libraries() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# KEY=VALUE overrides of a nested preset dict
+# Random-token training rows
 
 
-def parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def random_token_rows(rows: int, max_length: int, vocab: int, special_ids, cls_id: int, sep_id: int,
+                      num_labels: int, seed: int, mean_fraction: float = 0.45, sigma: float = 0.5,
+                      min_length: int = 8):
+    """`rows` training rows of random non-special token ids: [CLS] ... [SEP], lengths log-normal
+    around mean_fraction x max_length (GLUE-like: most rows much shorter than the maximum),
+    random labels. A matekd_ds Encoded split: the trainer's collate pads it, the teacher's
+    clean-logit table indexes it."""
+    from matekd_ds.data.batching import Encoded
 
-
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """A copy of `config` with each `a.b.c=VALUE` applied; the key must exist and the value
-    keep its type (an int is accepted for a float)."""
-    config = copy.deepcopy(config)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"override '{item}' is not KEY=VALUE")
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise SystemExit(f"unknown override key '{key}'")
-            node = node[part]
-        if leaf not in node:
-            raise SystemExit(f"unknown override key '{key}' (valid here: {', '.join(sorted(node))})")
-        value = parse_value(raw)
-        current = node[leaf]
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if current is not None and type(value) is not type(current):
-            raise SystemExit(f"override '{key}' needs a {type(current).__name__}, got {raw!r}")
-        node[leaf] = value
-    return config
+    rng = torch.Generator().manual_seed(seed)
+    special = set(special_ids)
+    regular = torch.tensor([i for i in range(vocab) if i not in special])
+    lengths = torch.exp(torch.randn(rows, generator=rng) * sigma + math.log(mean_fraction * max_length))
+    lengths = lengths.round().long().clamp(min(min_length, max_length), max_length).tolist()
+    ids = [[cls_id, *regular[torch.randint(len(regular), (n - 2,), generator=rng)].tolist(), sep_id] for n in lengths]
+    labels = torch.randint(num_labels, (rows,), generator=rng).tolist()
+    return Encoded(ids, None, labels, regression=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ def grouped_parameters(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def cycle_phase(step: int, generator_steps: int, student_steps: int) -> str:
+def cycle_role(step: int, generator_steps: int, student_steps: int) -> str:
     return "generator" if step % (generator_steps + student_steps) < generator_steps else "student"
 
 
@@ -146,11 +146,11 @@ class ReferenceMateKD:
 
     # -- driving -------------------------------------------------------------------------------
 
-    def phase(self, step: int) -> str:
-        return cycle_phase(step, self.generator_steps, self.student_steps)
+    def trains(self, step: int) -> str:
+        return cycle_role(step, self.generator_steps, self.student_steps)
 
     def train_step(self, batch: dict[str, torch.Tensor], step: int, seed: int) -> dict[str, torch.Tensor]:
-        if self.phase(step) == "generator":
+        if self.trains(step) == "generator":
             return self.generator_step(batch, seed)
         return self.student_step(batch, seed)
 
@@ -206,7 +206,8 @@ class ReferenceMateKD:
     def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
 
-    def _generate(self, batch: dict[str, torch.Tensor], perturbation: Perturbation) -> tuple[torch.Tensor, torch.Tensor]:
+    def _generate(self, batch: dict[str, torch.Tensor],
+                  perturbation: Perturbation) -> tuple[torch.Tensor, torch.Tensor]:
         """The generator's straight-through one-hot on every position [B, L, V], and its argmax."""
         inputs = self._model_inputs(batch)
         inputs["input_ids"] = batch["input_ids"].masked_fill(perturbation.mask, self.mask_token_id)

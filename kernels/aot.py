@@ -358,7 +358,7 @@ def build_target(target: str, cases: list[Case]) -> dict:
             recorder.case = case
             try:
                 run_case(case)
-            except Exception as exc:  # noqa: BLE001 - every failing case is reported, not just the first
+            except Exception as exc:  # every failing case is reported, not just the first
                 errors.append({"case": case.name, "error": f"{type(exc).__name__}: {exc}"[-2000:],
                                "traceback": traceback.format_exc()[-4000:]})
     return {"target": target, "builds": list(recorder.builds.values()), "launches": recorder.launches,
@@ -395,7 +395,8 @@ def build_all(targets=tuple(TARGETS), jobs: int | None = None, case_args: dict |
             target, out, proc = running.pop(0)
             output = proc.communicate()[0]
             if proc.returncode != 0 or not out.exists():
-                raise RuntimeError(f"ahead-of-time build for {target} failed (exit {proc.returncode}):\n{output[-4000:]}")
+                raise RuntimeError(f"ahead-of-time build for {target} failed (exit {proc.returncode}):\n"
+                                   f"{output[-4000:]}")
             results.append(json.loads(out.read_text()))
     return {"targets": results, "seconds": time.perf_counter() - began, "triton": triton.__version__,
             "ptxas": _ptxas_versions()}
@@ -408,7 +409,7 @@ def _ptxas_versions() -> dict:
     for name in ("ptxas", "ptxas_blackwell"):
         try:
             versions[name] = getattr(knobs.nvidia, name).version
-        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        except Exception as exc:  # reported, not fatal
             versions[name] = f"unavailable ({type(exc).__name__})"
     return versions
 

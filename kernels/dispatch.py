@@ -33,7 +33,7 @@ try:  # pragma: no cover - depends on the environment
 
     HAS_TRITON = True
     TRITON_IMPORT_ERROR = ""
-except Exception as exc:  # noqa: BLE001 - any import failure means "no Triton"
+except Exception as exc:  # any import failure means "no Triton"
     triton = None
     tl = None
     HAS_TRITON = False

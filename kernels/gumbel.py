@@ -28,7 +28,13 @@ import torch
 
 from .dispatch import constexpr, is_interpreted, jit, resolve_backend, tl
 from .launch import (
-    aligned_row_vectors, as_rows, common_loadable_cols, empty_rows_like, launch, launch_config, loadable_cols,
+    aligned_row_vectors,
+    as_rows,
+    common_loadable_cols,
+    empty_rows_like,
+    launch,
+    launch_config,
+    loadable_cols,
 )
 from .rng import STREAM_GUMBEL, gumbel_log2e, open_uniform, philox4
 
@@ -233,22 +239,6 @@ def _gumbel_bwd_kernel(
         _store_quarter(dx_row, idx, 3, s3 * (g3 - dot) * inv_tau, QUARTER, LOAD_N)
 
 
-@jit(do_not_specialize=["seed"])
-def _gumbel_noise_kernel(OUT, stride_out, n_rows, seed, V, QUARTER,
-                         FAST_MATH: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr):
-    """Materialise the in-kernel noise G (natural units; tests only: feeds the torch reference the
-    same G). ROWS rows per program, so the interpreter can draw many short rows quickly."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live_rows = rows[:, None] < n_rows
-    out_rows = OUT + rows[:, None] * stride_out
-    for start in range(0, QUARTER, TILE):
-        idx = (start + tl.arange(0, TILE))[None, :] + tl.zeros((ROWS, TILE), dtype=tl.int32)
-        r0, r1, r2, r3 = philox4(seed, idx, rows[:, None], STREAM_GUMBEL)
-        for q in tl.static_range(4):
-            g = gumbel_log2e(open_uniform(_pick(q, r0, r1, r2, r3)), FAST_MATH) * _LN2
-            tl.store(out_rows + idx + q * QUARTER, g, mask=live_rows & _in_quarter(idx, q, QUARTER, V))
-
-
 # --------------------------------------------------------------------------- host side
 
 
@@ -335,23 +325,6 @@ class GumbelSoftmaxFunction(torch.autograd.Function):
 def _gumbel_softmax_triton(logits, tau=1.0, hard=True, seed=0, noise=None):
     """Triton path; ``noise`` (same shape as logits) replaces the in-kernel RNG (tests)."""
     return GumbelSoftmaxFunction.apply(logits, float(tau), bool(hard), _normalize_seed(seed), noise)
-
-
-def _triton_gumbel_noise(shape, seed, device) -> torch.Tensor:
-    """The exact fp32 noise the Triton kernels draw for ``seed`` (tests only)."""
-    out = torch.empty(shape, dtype=torch.float32, device=device)
-    rows = out.view(-1, shape[-1])
-    n_rows, n_cols = rows.shape
-    if n_rows:
-        layout = _layout(n_cols)
-        rows_per_program = 64 if layout["TILE"] <= 64 else 1  # many short rows: one program, many rows
-        launch(
-            _gumbel_noise_kernel, (-(-n_rows // rows_per_program),),
-            rows, rows.stride(0), n_rows, _normalize_seed(seed), n_cols, layout["QUARTER"],
-            FAST_MATH=not is_interpreted(_gumbel_noise_kernel), ROWS=rows_per_program, TILE=layout["TILE"],
-            num_warps=layout["num_warps"],
-        )
-    return out
 
 
 # --------------------------------------------------------------------------- torch reference

@@ -18,10 +18,8 @@ few DeepSpeed classes its checkpoints hold): a planted pickle payload is refused
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
-import os
 import pickle
 import random
 import shutil
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 
 from matekd_ds import distributed
+from matekd_ds.durable import fsync_path, write_atomic
 from matekd_ds.errors import MatekdError
 from matekd_ds.monitor import log
 
@@ -43,36 +42,6 @@ _CHUNK = 1 << 22
 
 def tag_of(step: int) -> str:
     return f"step_{step:08d}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Durable writes
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside, fsync, rename into place, fsync the directory: after a crash or a power
-    loss `path` holds the old text or the new one, never a mix. No .tmp is left behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_path(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +135,6 @@ class Checkpointer:
         pointer = self.root / "LATEST"
         text = pointer.read_text().strip() if pointer.is_file() else ""
         return text or None
-
-    def has_any(self) -> bool:
-        """Whether any checkpoint (complete or not) of this phase exists."""
-        return any(self._tags())
 
     def _tags(self) -> list[str]:
         folder = self.root / TRAINER

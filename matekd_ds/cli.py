@@ -52,13 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help=CONFIG_HELP)
     resume = train.add_mutually_exclusive_group()
     resume.add_argument("--resume", action="store_true",
-                        help="continue the run in output.dir from its newest verified checkpoint (an error if there is none)")
+                        help="continue the run in output.dir from its newest verified checkpoint "
+                             "(an error if there is none)")
     resume.add_argument("--auto-resume", action="store_true",
-                        help="continue the run in output.dir if there is one, else start it (for schedulers that rerun a job)")
+                        help="continue the run in output.dir if there is one, else start it "
+                             "(for schedulers that rerun a job)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5 method=kd")
 
-    warm = sub.add_parser("warmup-generator", help="only the generator's MLM warm-up (matekd.generator_mlm_warmup_steps); "
-                          "exports <output.dir>/generator_warm")
+    warm = sub.add_parser("warmup-generator",
+                          help="only the generator's MLM warm-up (matekd.generator_mlm_warmup_steps); "
+                               "exports <output.dir>/generator_warm")
     warm.add_argument("--config", help=CONFIG_HELP)
     warm_resume = warm.add_mutually_exclusive_group()
     warm_resume.add_argument("--resume", action="store_true", help="continue the warm-up in output.dir")
@@ -97,8 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                                                        "a label column, if any, is ignored")
     what.add_argument("--glue-test", metavar="DIR", help="a GLUE-format folder: write the GLUE leaderboard files "
                                                          "of the model's task from its test split(s) into --out DIR")
-    pr.add_argument("--out", required=True, help="predictions file (.tsv, .csv or .jsonl), or with --glue-test a folder")
-    pr.add_argument("--id-column", help="the column naming each row (default: id, idx, index or guid, else the row number)")
+    pr.add_argument("--out", required=True,
+                    help="predictions file (.tsv, .csv or .jsonl), or with --glue-test a folder")
+    pr.add_argument("--id-column",
+                    help="the column naming each row (default: id, idx, index or guid, else the row number)")
     pr.add_argument("--json", action="store_true", help="print a JSON summary (stdout holds nothing else)")
     pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task=sst2")
     return parser
@@ -162,12 +167,15 @@ def _train(args) -> int:
     generator_only = args.command == "warmup-generator"
     if generator_only and (cfg.method != "matekd" or cfg.matekd.generator_mlm_warmup_steps == 0):
         raise MatekdError("warmup-generator needs method=matekd and matekd.generator_mlm_warmup_steps > 0")
-    from matekd_ds import distributed, model_card, pipeline, summary
+    from matekd_ds import pipeline, summary
+    from matekd_ds.faults import FaultInjection
     from matekd_ds.run_dir import RunDir
 
     resume = args.resume or (args.auto_resume and RunDir(cfg.output.dir).config_file.is_file())
+    faults = FaultInjection.from_environment()  # the recovery tests' MATEKD_* variables; None otherwise
     try:
-        metrics = pipeline.run_training(cfg, resume=resume, generator_only=generator_only)
+        metrics = pipeline.run_training(cfg, resume=resume, generator_only=generator_only,
+                                        callbacks=[faults] if faults else [])
     except signals.StopRequested as stop:
         print(f"matekd: {stop}", file=sys.stderr)
         return signals.EXIT_CODE
@@ -180,11 +188,6 @@ def _train(args) -> int:
             print(f"generator warmed up: dev masked-token accuracy {warm['dev_before']['accuracy']:.4f} -> "
                   f"{warm['dev_after']['accuracy']:.4f}; saved to {Path(cfg.output.dir) / 'generator_warm'}")
         return 0
-    if distributed.is_main():
-        try:
-            model_card.refresh_cards(Path(cfg.output.dir))  # now with the final dev metrics
-        except OSError as err:  # the run is complete; only its card is not up to date
-            print(f"[matekd] could not update the model card: {err.strerror or err}", file=sys.stderr)
     summary.print_summary(metrics, cfg.output.dir)
     return 0
 
@@ -220,7 +223,7 @@ def _eval(args) -> int:
     _split_overrides(args)
     with _results_only_on_stdout():
         from matekd_ds import evaluation_cli as ev
-        from matekd_ds.checkpoint import write_atomic
+        from matekd_ds.durable import write_atomic
 
         request = ev.EvalRequest(
             args.model, args.config, args.overrides,

@@ -72,6 +72,7 @@ class ModelsConfig:
     # only a builtin (randomly initialised) teacher is fine-tuned, for 3 epochs.
     teacher_finetune_epochs: float | None = None
     teacher_finetune_lr: float = 1e-4
+    teacher_finetune_warmup_ratio: float = 0.1  # of its steps, spent on a linear learning-rate warm-up
     # Initialise the student from these teacher layers (DistilBERT-style); null = load as given.
     student_init_from_teacher_layers: list[int] | None = None
 
@@ -98,6 +99,8 @@ class MatekdConfig:
     # the word embeddings). 0 = none. Masks like MATE-KD does (mask_prob, all mask tokens).
     generator_mlm_warmup_steps: int = 0
     generator_mlm_warmup_lr: float = 1e-4
+    generator_mlm_warmup_ratio: float = 0.1  # of its steps, spent on a linear learning-rate warm-up
+    generator_mlm_warmup_weight_decay: float = 0.01
 
 
 @dataclass
@@ -111,7 +114,8 @@ class KdConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 3.0
-    max_steps: int | None = None  # optimizer steps (both engines' batches, see matekd.extra_generator_steps); overrides epochs
+    # optimizer steps (both engines' batches, see matekd.extra_generator_steps); overrides epochs
+    max_steps: int | None = None
     micro_batch_size: int = 32  # per rank
     gradient_accumulation_steps: int = 1
     lr: float = 2e-5
@@ -153,6 +157,9 @@ class DeepSpeedConfig:
     teacher: str = "none"
     # Where "offload" presets put offloaded tensors: null = CPU memory, a path = NVMe there.
     nvme_path: str | None = None
+    # At world size 1, skip DeepSpeed's gradient all-reduce over the one rank (engines.py). Used
+    # only on the DeepSpeed versions it was verified against; false = DeepSpeed's own path.
+    single_rank_fast_path: bool = True
 
 
 @dataclass
@@ -305,7 +312,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         first = str(err).splitlines()[0]
-        raise MatekdError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: {first}")
+        raise MatekdError(f"config file {path} is not valid {path.suffix[1:] or 'YAML'}: {first}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -358,12 +365,18 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
     _check(m.temperature > 0, f"matekd.temperature must be > 0, got {m.temperature}")
     _check(m.generator_steps >= 0, f"matekd.generator_steps must be >= 0, got {m.generator_steps}")
     _check(m.student_steps >= 1, f"matekd.student_steps must be >= 1, got {m.student_steps}")
-    _check(len(m.loss_weights) == 3, "matekd.loss_weights needs 3 numbers: CE, divergence(clean), divergence(perturbed)")
+    _check(len(m.loss_weights) == 3,
+           "matekd.loss_weights needs 3 numbers: CE, divergence(clean), divergence(perturbed)")
     _check(all(w >= 0 for w in m.loss_weights), f"matekd.loss_weights must be >= 0, got {m.loss_weights}")
     _check(0 <= m.generator_lr <= MAX_LR, f"matekd.generator_lr must be in [0, {MAX_LR}], got {m.generator_lr}")
-    _check(m.generator_mlm_warmup_steps >= 0, f"matekd.generator_mlm_warmup_steps must be >= 0, got {m.generator_mlm_warmup_steps}")
+    _check(m.generator_mlm_warmup_steps >= 0,
+           f"matekd.generator_mlm_warmup_steps must be >= 0, got {m.generator_mlm_warmup_steps}")
     _check(0 < m.generator_mlm_warmup_lr <= MAX_LR,
            f"matekd.generator_mlm_warmup_lr must be in (0, {MAX_LR}], got {m.generator_mlm_warmup_lr}")
+    _check(0.0 <= m.generator_mlm_warmup_ratio < 1.0,
+           f"matekd.generator_mlm_warmup_ratio must be in [0, 1), got {m.generator_mlm_warmup_ratio}")
+    _check(m.generator_mlm_warmup_weight_decay >= 0,
+           f"matekd.generator_mlm_warmup_weight_decay must be >= 0, got {m.generator_mlm_warmup_weight_decay}")
     _check(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha must be in [0, 1], got {cfg.kd.alpha}")
     _check(cfg.kd.temperature > 0, f"kd.temperature must be > 0, got {cfg.kd.temperature}")
     t = cfg.train
@@ -375,7 +388,8 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
     _check(t.max_overflow_skips >= 1, f"train.max_overflow_skips must be >= 1, got {t.max_overflow_skips}")
     _check(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     _check(t.clip >= 0, f"train.clip must be >= 0, got {t.clip}")
-    _check(t.zero_stage is None or t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
+    _check(t.zero_stage is None or t.zero_stage in (0, 1, 2, 3),
+           f"train.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}")
     _check(cfg.data.max_length >= 8, f"data.max_length must be >= 8, got {cfg.data.max_length}")
     for key in ("max_train_examples", "max_eval_examples"):
         value = getattr(cfg.data, key)
@@ -390,6 +404,8 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
     _check(cfg.models.teacher_finetune_epochs >= 0, "models.teacher_finetune_epochs must be >= 0")
     _check(0 < cfg.models.teacher_finetune_lr <= MAX_LR,
            f"models.teacher_finetune_lr must be in (0, {MAX_LR}], got {cfg.models.teacher_finetune_lr}")
+    _check(0.0 <= cfg.models.teacher_finetune_warmup_ratio < 1.0,
+           f"models.teacher_finetune_warmup_ratio must be in [0, 1), got {cfg.models.teacher_finetune_warmup_ratio}")
     _check(bool(cfg.output.dir), "output.dir must not be empty")
     if cfg.task == "custom" and for_training:
         _check(bool(cfg.data.train_file), "task: custom needs data.train_file")
@@ -398,8 +414,6 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
         # training would read the task's own data and drop these without a word
         source = "the built-in offline data" if cfg.task == "synthetic" else "its GLUE folder, data.path"
         for key in ("train_file", "dev_file"):
-            _check(not getattr(cfg.data, key), f"data.{key} is read only by task: custom; task {cfg.task} trains on {source}")
+            _check(not getattr(cfg.data, key),
+                   f"data.{key} is read only by task: custom; task {cfg.task} trains on {source}")
 
-
-def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

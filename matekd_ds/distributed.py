@@ -64,7 +64,7 @@ def shutdown(wait_for_peers: bool = True) -> None:
         if wait_for_peers:
             barrier()
         dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - the group is already broken; the process is leaving anyway
+    except Exception:  # the group is already broken; the process is leaving anyway
         return
     if gloo:
         _let_gloo_workers_let_go()

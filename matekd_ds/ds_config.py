@@ -129,11 +129,13 @@ def resolve_dtype(requested: str, ds_configs: dict[str, dict[str, Any]]) -> str:
         choices = set(explicit.values())
         if len(choices) > 1 or (choices and len(explicit) < len(declared)):
             listed = ", ".join(f"{role}: {d}" for role, d in declared.items())
-            raise MatekdError(f"engines disagree on precision ({listed}); set train.dtype or use matching DeepSpeed configs")
+            raise MatekdError(f"engines disagree on precision ({listed}); "
+                              "set train.dtype or use matching DeepSpeed configs")
         return choices.pop() if choices else "fp32"
     for role, d in explicit.items():
         if d != requested:
-            raise MatekdError(f"train.dtype is {requested} but the {role} DeepSpeed config ({ds_configs[role]['_source']}) enables {d}")
+            raise MatekdError(f"train.dtype is {requested} but the {role} DeepSpeed config "
+                              f"({ds_configs[role]['_source']}) enables {d}")
     return requested
 
 
@@ -141,7 +143,8 @@ def _fill(ds: dict[str, Any], key: str, value: Any, owner: str) -> None:
     """Set `key` unless the file gives a concrete value; a concrete value must agree."""
     current = ds.get(key, "auto")
     if current != "auto" and current != value:
-        raise MatekdError(f"DeepSpeed config {ds['_source']} sets {key}={current} but the run config needs {value} ({owner})")
+        raise MatekdError(f"DeepSpeed config {ds['_source']} sets {key}={current} "
+                          f"but the run config needs {value} ({owner})")
     ds[key] = value
 
 
@@ -166,7 +169,8 @@ def finalize_ds_config(
     zero.setdefault("stage", 0)
     source = ds.pop("_source")
     if zero["stage"] not in SUPPORTED_ZERO_STAGES:
-        raise MatekdError(f"DeepSpeed config {source}: zero_optimization.stage {zero['stage']} is not supported; use 0, 1, 2 or 3")
+        raise MatekdError(f"DeepSpeed config {source}: zero_optimization.stage {zero['stage']} is not supported; "
+                          "use 0, 1, 2 or 3")
     _resolve_offload(zero, source, role=role, nvme_path=nvme_path, has_optimizer=True)
     if _offloads(zero, "offload_optimizer"):
         # torch's (fused) AdamW steps the offloaded fp32 partitions on the CPU; without this flag
@@ -183,7 +187,8 @@ def finalize_teacher_ds_config(
     offloaded to CPU or NVMe), inference only, in the run's precision."""
     declared = config_dtype(ds)
     if declared != "fp32" and declared != dtype:
-        raise MatekdError(f"the teacher's DeepSpeed config {ds['_source']} enables {declared} but the run trains in {dtype}")
+        raise MatekdError(f"the teacher's DeepSpeed config {ds['_source']} enables {declared} "
+                          f"but the run trains in {dtype}")
     ds = _fill_common(ds, micro_batch=micro_batch, grad_accum=1, world_size=world_size, dtype=dtype)
     source = ds.pop("_source")
     ds.pop("gradient_clipping", None)
@@ -198,7 +203,8 @@ def finalize_teacher_ds_config(
     return ds
 
 
-def _fill_common(ds: dict[str, Any], *, micro_batch: int, grad_accum: int, world_size: int, dtype: str) -> dict[str, Any]:
+def _fill_common(ds: dict[str, Any], *, micro_batch: int, grad_accum: int, world_size: int,
+                 dtype: str) -> dict[str, Any]:
     ds = json.loads(json.dumps(ds))
     ds.pop(META_KEY, None)
     _fill(ds, "train_micro_batch_size_per_gpu", micro_batch, "train.micro_batch_size")
@@ -216,12 +222,14 @@ def _offloads(zero: dict[str, Any], key: str) -> bool:
     return (zero.get(key) or {}).get("device", "none") not in ("none", None)
 
 
-def _resolve_offload(zero: dict[str, Any], source: str, *, role: str, nvme_path: str | None, has_optimizer: bool) -> None:
+def _resolve_offload(zero: dict[str, Any], source: str, *, role: str, nvme_path: str | None,
+                     has_optimizer: bool) -> None:
     """`"device": "auto"` (the offload preset) means: offload what this engine holds at this
     stage, to NVMe when deepspeed.nvme_path is set, else to CPU. An explicit device must fit."""
     stage = zero["stage"]
     autos = [key for key in ("offload_param", "offload_optimizer") if (zero.get(key) or {}).get("device") == "auto"]
-    for key, what, min_stage in (("offload_param", "parameter offload", 3), ("offload_optimizer", "optimizer offload", 1)):
+    for key, what, min_stage in (("offload_param", "parameter offload", 3),
+                                 ("offload_optimizer", "optimizer offload", 1)):
         block = zero.get(key)
         if not block:
             continue
@@ -238,9 +246,11 @@ def _resolve_offload(zero: dict[str, Any], source: str, *, role: str, nvme_path:
             zero[key] = block
             continue
         if device not in ("cpu", "nvme"):
-            raise MatekdError(f"DeepSpeed config {source}: zero_optimization.{key}.device must be cpu or nvme, got {device!r}")
+            raise MatekdError(f"DeepSpeed config {source}: zero_optimization.{key}.device must be cpu or nvme, "
+                              f"got {device!r}")
         if key == "offload_optimizer" and not has_optimizer:
-            raise MatekdError(f"DeepSpeed config {source}: the {role} has no optimizer, so zero_optimization.{key} means nothing; remove it")
+            raise MatekdError(f"DeepSpeed config {source}: the {role} has no optimizer, "
+                              f"so zero_optimization.{key} means nothing; remove it")
         if stage < min_stage:
             raise MatekdError(
                 f"DeepSpeed config {source}: {what} (zero_optimization.{key}) needs ZeRO stage {min_stage}"
@@ -288,7 +298,8 @@ def fill_model_autos(ds: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     return ds
 
 
-def resolve_run_ds_configs(cfg: RunConfig, world_size: int, with_teacher: bool) -> tuple[dict[str, dict[str, Any]], str]:
+def resolve_run_ds_configs(cfg: RunConfig, world_size: int,
+                           with_teacher: bool) -> tuple[dict[str, dict[str, Any]], str]:
     """Every engine's finalized DeepSpeed config for a run, and the run's one precision.
 
     Keys: "student", "generator" (method matekd) and "teacher" (a ZeRO-3 teacher engine, when

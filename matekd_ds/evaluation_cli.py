@@ -10,22 +10,24 @@ and F1. `--perturbed` adds robustness: the same data perturbed by a generator, t
 the run's teacher on both (robustness.py).
 
 Everything is loaded and checked (config, data, model, label count, vocabularies) before the
-process group forms: bad input is one line and exit 2 on every rank.
+process group forms: bad input is one line and exit 2 on every rank. `load_target` is the one
+load path of `matekd eval`, `matekd predict --data` (predict.py) and `matekd predict
+--glue-test` (glue_submission.py); it returns a frozen value, and `load_robustness` builds
+what `--perturbed` adds into another.
 """
 
 from __future__ import annotations
 
-import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
 
-from matekd_ds import distributed, model_card, models
-from matekd_ds.checkpoint import write_atomic
+from matekd_ds import distributed, models
 from matekd_ds.config import RunConfig, config_from_dict, merge, parse_override, read_config_file
 from matekd_ds.data.batching import Encoded, encode
 from matekd_ds.data.glue import TaskSpec
@@ -125,6 +127,42 @@ def load_target_tokenizer(target: Target):
     return models.load_tokenizer(target.model, role="model")
 
 
+D = TypeVar("D")
+
+
+@dataclass(frozen=True)
+class Loaded(Generic[D]):
+    """A model to score, in its task's terms, and the data a command scores with it: loaded and
+    checked."""
+
+    target: Target
+    cfg: RunConfig
+    spec: TaskSpec
+    data: D  # what the command reads (labeled sets, one file, GLUE test sets), read before the model
+    tokenizer: Any
+    model: torch.nn.Module
+
+
+def load_target(target: str, config: str | None, overrides: list[str],
+                read_data: Callable[[RunConfig, TaskSpec], D], max_examples: int | None = None) -> Loaded[D]:
+    """Resolve `target` (a run, a model of a run, any model) and its config and task; read the
+    command's data with `read_data(cfg, spec)` (it checks the command's own inputs too, before
+    any model is loaded); load the tokenizer and the model, checked against the task."""
+    quiet_libraries()
+    resolved = resolve_target(target)
+    cfg = target_config(resolved, config, overrides, max_examples)
+    spec = task_spec(cfg)
+    data = read_data(cfg, spec)
+    tokenizer = load_target_tokenizer(resolved)
+    model = load_model("model", resolved.model, spec, tokenizer, cfg.data.max_length)
+    return Loaded(resolved, cfg, spec, data, tokenizer, model)
+
+
+def encode_rows(loaded: Loaded, examples: list[Example]) -> Encoded:
+    """`examples` tokenized for the loaded model."""
+    return encode(examples, loaded.tokenizer, loaded.cfg.data.max_length, loaded.spec.is_regression)
+
+
 # ---------------------------------------------------------------------------------------------
 # The data
 
@@ -136,7 +174,8 @@ class DataOptions:
     label_column: str | None = None
 
 
-def labeled_sets(cfg: RunConfig, spec: TaskSpec, options: DataOptions, overrides: list[str]) -> dict[str, list[Example]]:
+def labeled_sets(cfg: RunConfig, spec: TaskSpec, options: DataOptions,
+                 overrides: list[str]) -> dict[str, list[Example]]:
     """{name: examples}: the --data sources, else `data.dev_file=` of the command line, else the
     task's dev sets; each limited to data.max_eval_examples when one was asked for."""
     sources = list(options.sources)
@@ -164,7 +203,8 @@ class RobustnessOptions:
     mask_prob: float | None = None  # None: the run's matekd.mask_prob
 
 
-def _generator(target: Target, cfg: RunConfig, options: RobustnessOptions, tokenizer, seed: int):
+def _generator(target: Target, cfg: RunConfig, options: RobustnessOptions, tokenizer, seed: int
+               ) -> tuple[torch.nn.Module, str]:
     """--generator; else the run's warmed generator; else the run's models.generator (a builtin
     one is built untrained, from the seed)."""
     if options.generator:
@@ -173,7 +213,8 @@ def _generator(target: Target, cfg: RunConfig, options: RobustnessOptions, token
         spec = name = str(target.run.model_dir("generator_warm"))
     elif target.run is not None:
         spec = cfg.models.generator
-        name = spec + (" (untrained: a builtin generator is not exported by training)" if models.is_builtin(spec) else "")
+        name = spec + (" (untrained: a builtin generator is not exported by training)"
+                       if models.is_builtin(spec) else "")
     else:
         raise MatekdError("--perturbed needs a generator for a model outside a run directory: give --generator PATH")
     with torch.random.fork_rng():
@@ -214,51 +255,32 @@ class EvalRequest:
     robustness: RobustnessOptions = field(default_factory=RobustnessOptions)
 
 
-@dataclass
-class Loaded:
-    """Everything an evaluation reads, loaded and checked."""
+@dataclass(frozen=True)
+class RobustnessInputs:
+    """What `--perturbed` adds: the generator, how it perturbs, and the teacher (if any)."""
 
-    target: Target
-    cfg: RunConfig
-    spec: TaskSpec
-    tokenizer: Any
-    model: torch.nn.Module
-    sets: dict[str, Encoded]
-    generator: torch.nn.Module | None = None
-    perturbation: Perturbation | None = None
-    teacher: torch.nn.Module | None = None
-    teacher_name: str | None = None
+    generator: torch.nn.Module
+    perturbation: Perturbation
+    teacher: torch.nn.Module | None
+    teacher_name: str | None
 
 
-def load_inputs(request: EvalRequest) -> Loaded:
-    quiet_libraries()
-    target = resolve_target(request.target)
-    cfg = target_config(target, request.config, request.overrides, request.max_examples)
-    spec = task_spec(cfg)
-    examples = labeled_sets(cfg, spec, request.data, request.overrides)
-    tokenizer = load_target_tokenizer(target)
-    sets = {name: encode(rows, tokenizer, cfg.data.max_length, spec.is_regression) for name, rows in examples.items()}
-    model = load_model("model", target.model, spec, tokenizer, cfg.data.max_length)
-    loaded = Loaded(target, cfg, spec, tokenizer, model, sets)
-    if request.robustness.enabled:
-        _load_robustness(loaded, request.robustness)
-    return loaded
-
-
-def _load_robustness(loaded: Loaded, options: RobustnessOptions) -> None:
+def load_robustness(loaded: Loaded, options: RobustnessOptions) -> RobustnessInputs:
+    """The generator and teacher for `loaded`'s model, checked to share its vocabulary."""
     cfg, target = loaded.cfg, loaded.target
     mask_prob = options.mask_prob if options.mask_prob is not None else cfg.matekd.mask_prob
     if not 0.0 < mask_prob <= 1.0:
         raise MatekdError(f"--mask-prob must be in (0, 1], got {mask_prob}")
-    loaded.generator, name = _generator(target, cfg, options, loaded.tokenizer, options.seed)
-    loaded.perturbation = Perturbation(name, mask_prob, cfg.matekd.gumbel_tau, options.seed)
-    teacher = _teacher_spec(target, cfg, options)
-    if teacher is not None and not _same_model(teacher, target.model):
-        loaded.teacher = load_model("teacher", teacher, loaded.spec, loaded.tokenizer, cfg.data.max_length)
-        loaded.teacher_name = teacher
-    roles = {"model": loaded.model, "generator": loaded.generator,
-             **({"teacher": loaded.teacher} if loaded.teacher is not None else {})}
+    generator, name = _generator(target, cfg, options, loaded.tokenizer, options.seed)
+    teacher_name = _teacher_spec(target, cfg, options)
+    if teacher_name is not None and _same_model(teacher_name, target.model):
+        teacher_name = None  # the model itself: nothing to compare it with
+    teacher = None if teacher_name is None else load_model("teacher", teacher_name, loaded.spec, loaded.tokenizer,
+                                                           cfg.data.max_length)
+    roles = {"model": loaded.model, "generator": generator, **({"teacher": teacher} if teacher is not None else {})}
     models.check_shared_vocabulary(roles, loaded.tokenizer)
+    return RobustnessInputs(generator, Perturbation(name, mask_prob, cfg.matekd.gumbel_tau, options.seed),
+                            teacher, teacher_name)
 
 
 def _split_report(spec: TaskSpec, outputs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -270,58 +292,66 @@ def _split_report(spec: TaskSpec, outputs: np.ndarray, labels: np.ndarray) -> di
 def evaluate_target(request: EvalRequest) -> dict[str, Any] | None:
     """The results (rank 0; None elsewhere): per data set its size, metrics and, for
     classification, confusion matrix and per-class scores; with --perturbed, robustness."""
-    loaded = load_inputs(request)
+    loaded = load_target(request.target, request.config, request.overrides,
+                         lambda cfg, spec: labeled_sets(cfg, spec, request.data, request.overrides),
+                         request.max_examples)
+    sets = {name: encode_rows(loaded, rows) for name, rows in loaded.data.items()}
+    robust = load_robustness(loaded, request.robustness) if request.robustness.enabled else None
     distributed.init()  # after every input check: bad input exits before any rank waits on another
     device = distributed.device()
     batch = loaded.cfg.eval.batch_size
     pad = loaded.tokenizer.pad_token_id
     loaded.model.to(device)
-    outputs = {name: predict(loaded.model, data, batch, pad, device) for name, data in loaded.sets.items()}
-    labels = {name: np.asarray(data.labels) for name, data in loaded.sets.items()}
+    outputs = {name: predict(loaded.model, data, batch, pad, device) for name, data in sets.items()}
+    labels = {name: np.asarray(data.labels) for name, data in sets.items()}
     results: dict[str, Any] = {
         "model": loaded.target.model, "task": loaded.spec.name, "world_size": distributed.world_size(),
-        "examples": {name: len(data) for name, data in loaded.sets.items()},
-        "dev": {name: task_metrics(loaded.spec, outputs[name], labels[name]) for name in loaded.sets},
+        "examples": {name: len(data) for name, data in sets.items()},
+        "dev": {name: task_metrics(loaded.spec, outputs[name], labels[name]) for name in sets},
     }
     if not loaded.spec.is_regression:
-        results["classes"] = {name: _split_report(loaded.spec, outputs[name], labels[name]) for name in loaded.sets}
-    if loaded.generator is not None:
-        results["robustness"] = _robustness(loaded, outputs, labels, device)
+        results["classes"] = {name: _split_report(loaded.spec, outputs[name], labels[name]) for name in sets}
+    if robust is not None:
+        results["robustness"] = _robustness(loaded, sets, robust, outputs, labels, device)
         _record_robustness(loaded, request, results["robustness"])
     return results if distributed.is_main() else None
 
 
-def _robustness(loaded: Loaded, clean: dict[str, np.ndarray], labels: dict[str, np.ndarray],
-                device: torch.device) -> dict[str, Any]:
+def _robustness(loaded: Loaded, sets: dict[str, Encoded], robust: RobustnessInputs, clean: dict[str, np.ndarray],
+                labels: dict[str, np.ndarray], device: torch.device) -> dict[str, Any]:
     batch, pad = loaded.cfg.eval.batch_size, loaded.tokenizer.pad_token_id
-    loaded.generator.to(device)
-    if loaded.teacher is not None:
-        loaded.teacher.to(device)
+    robust.generator.to(device)
+    if robust.teacher is not None:
+        robust.teacher.to(device)
     splits = {}
-    for name, data in loaded.sets.items():
-        noisy = perturbed_copy(data, loaded.generator, loaded.tokenizer, loaded.perturbation, device)
+    for name, data in sets.items():
+        noisy = perturbed_copy(data, robust.generator, loaded.tokenizer, robust.perturbation, device)
         model = {"clean": clean[name], "perturbed": predict(loaded.model, noisy, batch, pad, device)}
         teacher = None
-        if loaded.teacher is not None:
-            teacher = {"clean": predict(loaded.teacher, data, batch, pad, device),
-                       "perturbed": predict(loaded.teacher, noisy, batch, pad, device)}
+        if robust.teacher is not None:
+            teacher = {"clean": predict(robust.teacher, data, batch, pad, device),
+                       "perturbed": predict(robust.teacher, noisy, batch, pad, device)}
         report = side_by_side(loaded.spec, labels[name], model, teacher)
         report["changed_token_fraction"] = changed_token_fraction(data, noisy, loaded.tokenizer.all_special_ids)
         splits[name] = report
-    return {"settings": loaded.perturbation.as_dict(), "teacher": loaded.teacher_name, "splits": splits}
+    return {"settings": robust.perturbation.as_dict(), "teacher": robust.teacher_name, "splits": splits}
 
 
 def _record_robustness(loaded: Loaded, request: EvalRequest, robustness: dict[str, Any]) -> None:
     """A run's own student on its own dev sets: kept in the run directory (robustness.json) and
-    in its model cards. Best effort: a read-only run directory only loses the record."""
-    run = loaded.target.run
+    in its model cards, through the run's RunDir. Best effort: a read-only (or damaged) run
+    directory only loses the record, and says so."""
     if not (loaded.target.is_run and not request.data.sources and distributed.is_main()):
         return
+    run = RunDir(loaded.target.run.path)
     try:
-        write_atomic(run.path / model_card.ROBUSTNESS, json.dumps(robustness, indent=2))
-        model_card.refresh_cards(run.path)
+        run.read_state()
+        run.write_robustness(robustness)
+        run.refresh_cards()
     except OSError as err:
         print(f"[matekd] could not record robustness in {run.path}: {err.strerror or err}", file=sys.stderr)
+    except MatekdError as err:
+        print(f"[matekd] could not record robustness in {run.path}: {err}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +374,8 @@ def format_results(results: dict[str, Any]) -> str:
     metrics = [m for m in next(iter(results["dev"].values())) if m != "main"]
     lines = [f"model {results['model']}  task {results['task']}  ({results['world_size']} rank(s))", ""]
     lines += _table([["data", "examples", *metrics]]
-                    + [[n, str(results["examples"][n]), *(f"{results['dev'][n][m]:.4f}" for m in metrics)] for n in names])
+                    + [[n, str(results["examples"][n]), *(f"{results['dev'][n][m]:.4f}" for m in metrics)]
+                       for n in names])
     for name, report in (results.get("classes") or {}).items():
         labels = report["labels"]
         lines += ["", f"{name}: per class (rows: true class, columns: predicted)"]

@@ -1,8 +1,9 @@
 """Fault injection for the recovery tests: crashes, signals and non-finite values at chosen
-moments of a run, switched on by environment variables only (never by a config key).
+moments of a run. A run callback (callbacks.py) that `matekd train` installs only when one of
+these environment variables is set (never a config key):
 
     MATEKD_CRASH_AFTER_STEP=N[:PHASE] raise after step N of a training phase (of PHASE only)
-    MATEKD_FAULT_AT=POINT:ACTION     at a phase boundary of the pipeline (POINT: loaded, opened,
+    MATEKD_FAULT_AT=POINT:ACTION     at a boundary of the pipeline (POINT: loaded, opened,
                                      teacher, warmup), ACTION: crash | sigterm | sigkill
     MATEKD_NAN_AFTER_STEP=N[:PHASE]  after step N (of PHASE, default student), a NaN in a
                                      parameter of the engine that step trained
@@ -12,40 +13,69 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from collections.abc import Mapping
 
 import torch
+
+from matekd_ds.callbacks import BOUNDARIES, RunCallback, StepEnd
+from matekd_ds.errors import MatekdError
 
 CRASH_AFTER_STEP = "MATEKD_CRASH_AFTER_STEP"
 FAULT_AT = "MATEKD_FAULT_AT"
 NAN_AFTER_STEP = "MATEKD_NAN_AFTER_STEP"
+ACTIONS = ("crash", "sigterm", "sigkill")
 
 
-def crash_after_step(phase: str, step: int) -> None:
-    wanted, _, wanted_phase = os.environ.get(CRASH_AFTER_STEP, "0").partition(":")
-    if int(wanted) and step == int(wanted) and wanted_phase in ("", phase):
-        raise RuntimeError(f"{CRASH_AFTER_STEP}={wanted}: simulated crash in the {phase} phase")
+def _step_and_phase(spec: str, variable: str, default_phase: str | None) -> tuple[int, str | None]:
+    step, _, phase = spec.partition(":")
+    if not step.isdigit():
+        raise MatekdError(f"{variable}={spec}: expected STEP[:PHASE]")
+    return int(step), phase or default_phase
 
 
-def at(point: str) -> None:
-    spec = os.environ.get(FAULT_AT, "")
-    where, _, action = spec.partition(":")
-    if where != point:
-        return
-    if action == "crash":
-        raise RuntimeError(f"{FAULT_AT}={spec}: simulated crash")
-    if action in ("sigterm", "sigkill"):
+class FaultInjection(RunCallback):
+    def __init__(self, crash_after: tuple[int, str | None] | None = None, fault_at: tuple[str, str] | None = None,
+                 nan_after: tuple[int, str | None] | None = None):
+        self.crash_after, self.fault_at, self.nan_after = crash_after, fault_at, nan_after
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] = os.environ) -> FaultInjection | None:
+        """The faults the environment asks for, or None when it asks for none."""
+        crash = _step_and_phase(env[CRASH_AFTER_STEP], CRASH_AFTER_STEP, None) if env.get(CRASH_AFTER_STEP) else None
+        nan = _step_and_phase(env[NAN_AFTER_STEP], NAN_AFTER_STEP, "student") if env.get(NAN_AFTER_STEP) else None
+        fault_at = None
+        if env.get(FAULT_AT):
+            point, _, action = env[FAULT_AT].partition(":")
+            if point not in BOUNDARIES or action not in ACTIONS:
+                raise MatekdError(f"{FAULT_AT}={env[FAULT_AT]}: expected POINT:ACTION with POINT one of "
+                                 f"{', '.join(BOUNDARIES)} and ACTION one of {', '.join(ACTIONS)}")
+            fault_at = (point, action)
+        if crash is None and nan is None and fault_at is None:
+            return None
+        return cls(crash, fault_at, nan)
+
+    def on_boundary(self, point: str) -> None:
+        if self.fault_at is None or self.fault_at[0] != point:
+            return
+        action = self.fault_at[1]
+        if action == "crash":
+            raise RuntimeError(f"{FAULT_AT}={point}:{action}: simulated crash")
         os.kill(os.getpid(), signal.SIGTERM if action == "sigterm" else signal.SIGKILL)
 
+    def on_step_end(self, event: StepEnd) -> bool:
+        if _matches(self.nan_after, event):
+            _poison(event.engines.get(event.trained) or next(iter(event.engines.values())))
+        if _matches(self.crash_after, event):
+            raise RuntimeError(f"{CRASH_AFTER_STEP}={self.crash_after[0]}: simulated crash in the {event.phase} phase")
+        return False
 
-def poison_after_step(phase: str, step: int, engines: dict[str, Any], trained: str) -> None:
-    spec = os.environ.get(NAN_AFTER_STEP, "")
-    if not spec:
-        return
-    wanted, _, wanted_phase = spec.partition(":")
-    if int(wanted) != step or (wanted_phase or "student") != phase:
-        return
-    engine = engines.get(trained) or next(iter(engines.values()))
+
+def _matches(wanted: tuple[int, str | None] | None, event: StepEnd) -> bool:
+    return wanted is not None and wanted[0] == event.step and wanted[1] in (None, event.phase)
+
+
+def _poison(engine) -> None:
+    """A NaN in the first parameter (its partition, under ZeRO-3) of `engine`."""
     with torch.no_grad():
         param = next(p for p in engine.module.parameters())
         held = param.ds_tensor if hasattr(param, "ds_tensor") else param.data

@@ -17,21 +17,21 @@ into the same --out folder.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from matekd_ds import distributed
-from matekd_ds.data.batching import encode
+from matekd_ds.config import RunConfig
 from matekd_ds.data.glue import TaskSpec
 from matekd_ds.data.sources import Rows, column_choices, read_source
-from matekd_ds.data.tasks import task_spec
+from matekd_ds.durable import fsync_path, write_atomic
 from matekd_ds.errors import MatekdError
-from matekd_ds.evaluation_cli import load_model, load_target_tokenizer, quiet_libraries, resolve_target, target_config
+from matekd_ds.evaluation_cli import encode_rows, load_target
 from matekd_ds.metrics import predictions_from_outputs
 from matekd_ds.predict import score
 
@@ -107,7 +107,7 @@ def _test_sets(spec: TaskSpec, test_dir: Path) -> list[TestSet]:
         if path is None:
             if split in OPTIONAL_SPLITS:
                 if distributed.is_main():
-                        print(f"[matekd] {file_name} not written: no diagnostic/diagnostic.tsv in {test_dir}",
+                    print(f"[matekd] {file_name} not written: no diagnostic/diagnostic.tsv in {test_dir}",
                           file=sys.stderr)
                 continue
             tried = ", ".join(str(p) for p in test_file_candidates(spec, test_dir, split))
@@ -125,43 +125,34 @@ def _check_out_dir(out: Path) -> None:
 
 
 def write_files(out: Path, files: dict[str, str]) -> None:
-    """Each file whole or absent: written into a staging folder beside `out`, then renamed into
-    `out` (which is created the same way when it does not exist)."""
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        for name, text in files.items():
-            (staging / name).write_text(text)
-        if not out.exists():
-            os.replace(staging, out)
-            return
-        for name in files:
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """Each file whole or absent (durable.write_atomic), in `out`, created when it does not
+    exist. Other tasks' files already there stay."""
+    if not out.is_dir():
+        out.mkdir()
+        fsync_path(out.parent)  # the new folder's entry survives a power loss too
+    for name, text in files.items():
+        write_atomic(out / name, text)
+
+
+def _checked_test_sets(request: SubmissionRequest, cfg: RunConfig, spec: TaskSpec) -> list[TestSet]:
+    _check_out_dir(request.out)
+    return _test_sets(spec, request.test_dir)
 
 
 def write_submission(request: SubmissionRequest) -> dict[str, Any] | None:
     """Predict every test set of the model's task and write its leaderboard file(s) (rank 0)."""
-    quiet_libraries()
-    target = resolve_target(request.target)
-    cfg = target_config(target, request.config, request.overrides)
-    spec = task_spec(cfg)
-    _check_out_dir(request.out)
-    sets = _test_sets(spec, request.test_dir)
-    tokenizer = load_target_tokenizer(target)
-    model = load_model("model", target.model, spec, tokenizer, cfg.data.max_length)
-    encoded = {s.file_name: encode(s.rows.examples, tokenizer, cfg.data.max_length, spec.is_regression) for s in sets}
+    loaded = load_target(request.target, request.config, request.overrides, partial(_checked_test_sets, request))
+    sets, spec, cfg = loaded.data, loaded.spec, loaded.cfg
+    encoded = {s.file_name: encode_rows(loaded, s.rows.examples) for s in sets}
     distributed.init()  # after every input check
     files = {}
     for test in sets:
-        outputs = score(model, encoded[test.file_name], cfg.eval.batch_size, tokenizer.pad_token_id)
+        outputs = score(loaded.model, encoded[test.file_name], cfg.eval.batch_size, loaded.tokenizer.pad_token_id)
         files[test.file_name] = submission_text(test.rows.ids, prediction_texts(spec, outputs))
     if not distributed.is_main():
         return None
     write_files(request.out, files)
     present = [name for name in ALL_FILES if (request.out / name).is_file()]
-    return {"model": target.model, "task": spec.name, "out": str(request.out),
+    return {"model": loaded.target.model, "task": spec.name, "out": str(request.out),
             "written": {s.file_name: {"from": str(s.path), "rows": len(s.rows.ids)} for s in sets},
             "submission_files": present, "missing_for_a_full_submission": [n for n in ALL_FILES if n not in present]}

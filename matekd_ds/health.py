@@ -27,7 +27,7 @@ class Diverged(Exception):
         super().__init__(message)
 
     @classmethod
-    def at(cls, step: int, what: str, value: str = "not finite") -> "Diverged":
+    def at(cls, step: int, what: str, value: str = "not finite") -> Diverged:
         return cls(step, f"training diverged at step {step}: {what} is {value}")
 
 

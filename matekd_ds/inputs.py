@@ -54,6 +54,18 @@ class RunModels:
 
 
 @dataclass(frozen=True)
+class Zero3Configs:
+    """Per role, the ZeRO-3 DeepSpeed config a model is built into, decided once for the run
+    (None: the model is built whole). `first`: for the first engine it goes into (a teacher still
+    to be fine-tuned first trains with the student's config). `after_training`: when it is rebuilt
+    from its export after training (the fine-tuned teacher for its frozen engine, the warmed
+    generator for MATE-KD's generator engine)."""
+
+    first: dict[str, dict[str, Any] | None]
+    after_training: dict[str, dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
 class RunInputs:
     cfg: RunConfig
     data: TaskData
@@ -62,6 +74,7 @@ class RunInputs:
     dev: dict[str, Encoded]
     ds_configs: dict[str, dict[str, Any]]  # finalized, per engine (ds_config.resolve_run_ds_configs)
     dtype: str
+    zero3: Zero3Configs
     models: RunModels
 
     @property
@@ -71,7 +84,8 @@ class RunInputs:
     @property
     def batches_per_epoch(self) -> int:
         """Global micro-batches in one epoch of the training set."""
-        return TrainStream(len(self.train), self.cfg.train.micro_batch_size, 0, distributed.world_size(), 0).batches_per_epoch
+        return TrainStream(len(self.train), self.cfg.train.micro_batch_size, 0, distributed.world_size(),
+                           0).batches_per_epoch
 
 
 def uses_teacher(cfg: RunConfig) -> bool:
@@ -89,9 +103,12 @@ def prepare_inputs(cfg: RunConfig, resume: bool) -> RunInputs:
     ds_configs, dtype = resolve_run_ds_configs(cfg, distributed.world_size(), with_teacher=uses_teacher(cfg))
     if dtype == "fp16" and not torch.cuda.is_available():
         raise MatekdError("fp16 training needs a GPU; on the CPU use train.dtype=bf16 or fp32")
-    run_models = _load_models(cfg, data, tokenizer, run if resume else None, ds_configs)
+    resumed = run if resume else None
+    finetuned = bool(resumed and cfg.models.teacher_finetune_epochs > 0 and resumed.has_model("teacher"))
+    zero3 = zero3_configs(cfg, ds_configs, finetuned)
+    run_models = _load_models(cfg, data, tokenizer, resumed, zero3.first, finetuned)
     _check_one_global_batch(cfg, len(train))
-    return RunInputs(cfg, data, tokenizer, train, dev, ds_configs, dtype, run_models)
+    return RunInputs(cfg, data, tokenizer, train, dev, ds_configs, dtype, zero3, run_models)
 
 
 def _load_tokenizer(cfg: RunConfig, data: TaskData, resumed: RunDir | None):
@@ -106,26 +123,25 @@ def _load_tokenizer(cfg: RunConfig, data: TaskData, resumed: RunDir | None):
     return train_wordpiece(data.texts, cfg.models.builtin_tokenizer_vocab_size)
 
 
-def zero3_construction_configs(cfg: RunConfig, ds_configs: dict[str, dict[str, Any]],
-                               teacher_finetuned: bool) -> dict[str, dict[str, Any] | None]:
-    """Per role, the ZeRO-3 DeepSpeed config its first engine runs with (None: not ZeRO-3). A
-    teacher still to be fine-tuned first trains with the student's config."""
+def zero3_configs(cfg: RunConfig, ds_configs: dict[str, dict[str, Any]], teacher_finetuned: bool) -> Zero3Configs:
+    """Which models are built into ZeRO-3 partitions, and with which config, before and after
+    their own training (`teacher_finetuned`: a resumed run whose teacher phase is done)."""
     def stage3(ds: dict[str, Any] | None) -> dict[str, Any] | None:
         return ds if ds is not None and ds.get("zero_optimization", {}).get("stage") == 3 else None
 
+    after = {"teacher": ds_configs.get("teacher"), "student": stage3(ds_configs["student"]),
+             "generator": stage3(ds_configs.get("generator"))}
     finetune_first = cfg.models.teacher_finetune_epochs > 0 and not teacher_finetuned
-    return {"teacher": stage3(ds_configs["student"]) if finetune_first else ds_configs.get("teacher"),
-            "student": stage3(ds_configs["student"]), "generator": stage3(ds_configs.get("generator"))}
+    first = dict(after, teacher=stage3(ds_configs["student"]) if finetune_first else after["teacher"])
+    return Zero3Configs(first, after)
 
 
 def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | None,
-                 ds_configs: dict[str, dict[str, Any]]) -> RunModels:
+                 zero3: dict[str, dict[str, Any] | None], finetuned: bool) -> RunModels:
     """Teacher, student and generator, checked to share one vocabulary. A resumed run whose
     teacher fine-tuning (or generator warm-up) finished loads that phase's export instead."""
     num_labels, regression = data.spec.num_labels, data.spec.is_regression
-    finetuned = bool(resumed and cfg.models.teacher_finetune_epochs > 0 and resumed.has_model("teacher"))
     warm = bool(resumed and cfg.matekd.generator_mlm_warmup_steps > 0 and resumed.has_model("generator_warm"))
-    zero3 = zero3_construction_configs(cfg, ds_configs, finetuned)
     teacher = student = generator = None
     if uses_teacher(cfg):
         teacher_spec = str(resumed.model_dir("teacher")) if finetuned else cfg.models.teacher
@@ -137,7 +153,8 @@ def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | No
     if cfg.method == "matekd":
         generator_spec = str(resumed.model_dir("generator_warm")) if warm else cfg.models.generator
         generator = _generator(cfg, generator_spec, tokenizer, zero3["generator"])
-        models.masked_lm_parts(structure(generator))  # an unsupported MLM head is refused now, not after the teacher phase
+        # an unsupported MLM head is refused now, not after the teacher phase
+        models.masked_lm_parts(structure(generator))
     loaded = {role: structure(m) for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
               if m is not None}
     models.check_shared_vocabulary(loaded, tokenizer)

@@ -15,7 +15,8 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> t
     return F.cross_entropy(logits.float(), labels)
 
 
-def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, regression: bool) -> torch.Tensor:
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+               regression: bool) -> torch.Tensor:
     """The official code's divergence: soft cross-entropy −Σ softmax(t/T)·log_softmax(s/T),
     averaged over rows; MSE between logits for regression. Gradients reach both inputs."""
     if regression:

@@ -3,57 +3,27 @@ layout: YAML metadata (pipeline, tags, datasets, a `model-index` with the dev re
 the task, method, teacher, data, hyper-parameters, dev metrics and, once `matekd eval RUN
 --perturbed` has measured them, robustness metrics.
 
-Everything comes from the run directory (config.yaml, metrics.json, robustness.json), so a card
-can be written at any time and rewritten when more is known: at each export, at the end of
-training, after a robustness evaluation.
+A pure function of the run's config, metrics and robustness record: no file is read or
+written here. The run directory (run_dir.RunDir) renders the card from what it holds in memory
+and writes it, at each export and whenever it knows more (the end of training, a robustness
+evaluation).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from matekd_ds.config import RunConfig, config_from_dict, read_config_file
+from matekd_ds.config import RunConfig
 from matekd_ds.data.glue import GLUE_HUB_PATH, TaskSpec
 from matekd_ds.data.tasks import task_spec
-from matekd_ds.errors import MatekdError
 
 CARD = "README.md"
-ROBUSTNESS = "robustness.json"  # in the run directory, written by `matekd eval RUN --perturbed`
 CARDED_EXPORTS = ("student", "student_best")
 METHOD_NAMES = {"ft": "fine-tuning on the labels", "kd": "knowledge distillation (Hinton et al., 2015)",
                 "matekd": "MATE-KD (Rashid et al., ACL 2021): knowledge distillation with masked adversarial text"}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def run_config(run_path: Path) -> RunConfig | None:
-    """The run's config, or None when it has none (or an unreadable one)."""
-    try:
-        return config_from_dict(read_config_file(run_path / "config.yaml"))
-    except (OSError, MatekdError):
-        return None
-
-
-def label_names(run_path: Path) -> list[str] | None:
-    """The class names of the run's task (None: regression, or no readable config)."""
-    cfg = run_config(run_path)
-    if cfg is None:
-        return None
-    try:
-        names = task_spec(cfg).label_names
-    except MatekdError:
-        return None
-    return list(names) if names else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,10 +42,11 @@ def _dataset(cfg: RunConfig, spec: TaskSpec) -> dict[str, Any]:
 def _data_source(cfg: RunConfig) -> str:
     d = cfg.data
     if cfg.task == "synthetic":
-        return (f"the built-in procedural sentiment task ({d.synthetic.train_size} training, {d.synthetic.dev_size} dev "
-                f"examples, seed {d.synthetic.seed})")
+        return (f"the built-in procedural sentiment task ({d.synthetic.train_size} training, "
+                f"{d.synthetic.dev_size} dev examples, seed {d.synthetic.seed})")
     if cfg.task == "custom":
-        return f"training file `{d.train_file}`, dev file `{d.dev_file}` (text {list(d.text_columns)}, label `{d.label_column}`)"
+        return (f"training file `{d.train_file}`, dev file `{d.dev_file}` "
+                f"(text {list(d.text_columns)}, label `{d.label_column}`)")
     return f"GLUE TSV folder `{d.path}`" if d.path else f"the hub dataset `{GLUE_HUB_PATH}` ({cfg.task})"
 
 
@@ -142,9 +113,10 @@ def _robustness_section(robust: dict[str, Any]) -> list[str]:
         return []
     settings = robust.get("settings", {})
     lines = ["## Robustness", "",
-             f"Dev text perturbed the MATE-KD way: {settings.get('mask_prob')} of the real tokens masked and filled in "
-             f"by the generator `{settings.get('generator')}` (Gumbel tau {settings.get('tau')}, seed {settings.get('seed')}); "
-             "measured by `matekd eval RUN --perturbed`.", "",
+             (f"Dev text perturbed the MATE-KD way: {settings.get('mask_prob')} of the real tokens masked and filled "
+             f"in by the generator `{settings.get('generator')}` (Gumbel tau {settings.get('tau')}, "
+             f"seed {settings.get('seed')}); "
+             "measured by `matekd eval RUN --perturbed`."), "",
              "| data | model | metric | clean | perturbed |", "|---|---|---|---|---|"]
     for split, report in robust.get("splits", {}).items():
         for who in ("model", "teacher"):
@@ -160,15 +132,13 @@ def _robustness_section(robust: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def render(run_path: Path, export: str) -> str:
-    """The card of `<run>/<export>` from what the run directory holds now."""
-    cfg = run_config(run_path)
-    if cfg is None:
-        raise MatekdError(f"{run_path}: no readable config.yaml to describe the model with")
+def render(cfg: RunConfig, metrics: dict[str, Any], robustness: dict[str, Any] | None, run_name: str,
+           export: str) -> str:
+    """The card of the run's export `export` ("student" or "student_best"): `metrics` as in
+    metrics.json, `robustness` as in robustness.json (None: not measured)."""
     spec = task_spec(cfg)
-    metrics = read_json(run_path / "metrics.json")
     world = int(metrics.get("world_size", 1))
-    name = f"{run_path.name}-{export}"
+    name = f"{run_name}-{export}"
     when, dev = _dev(metrics, export)
     meta = {"library_name": "transformers", "pipeline_tag": "text-classification",
             "tags": ["text-classification", "knowledge-distillation", cfg.method, "matekd-ds"],
@@ -177,13 +147,14 @@ def render(run_path: Path, export: str) -> str:
     labels = ", ".join(spec.label_names) if spec.label_names else "a regression score"
     student_params = (metrics.get("student") or {}).get("params")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
-             f"A student model for **{spec.name}** ({labels}), trained by matekd-ds on DeepSpeed with "
-             f"{METHOD_NAMES[cfg.method]}.", "",
+             (f"A student model for **{spec.name}** ({labels}), trained by matekd-ds on DeepSpeed with "
+             f"{METHOD_NAMES[cfg.method]}."), "",
              "## Model description", "", "| | |", "|---|---|",
              f"| task | `{spec.name}`: {labels} |", f"| method | `{cfg.method}` |",
              f"| teacher | {_teacher(cfg, metrics)} |",
              f"| student initialised from | `{cfg.models.student}`"
-             + (f" (teacher layers {cfg.models.student_init_from_teacher_layers})" if cfg.models.student_init_from_teacher_layers else "")
+             + (f" (teacher layers {cfg.models.student_init_from_teacher_layers})"
+                if cfg.models.student_init_from_teacher_layers else "")
              + " |"]
     if cfg.method == "matekd":
         lines.append(f"| generator | `{cfg.models.generator}` |")
@@ -202,28 +173,12 @@ def render(run_path: Path, export: str) -> str:
     if teacher_dev:
         lines += ["", "The teacher on the same dev set:", "", "| data | metric | value |", "|---|---|---|",
                   *_metric_rows(teacher_dev)]
-    lines += ["", *_robustness_section(read_json(run_path / ROBUSTNESS))]
+    lines += ["", *_robustness_section(robustness or {})]
     lines += ["## How to use", "", "```python",
               "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
               f'model = AutoModelForSequenceClassification.from_pretrained("{export}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{export}")', "```", "",
-              f"or `matekd predict {export} --data FILE --out predictions.tsv`; "
-              f"`matekd eval {export} --data FILE` scores a labeled file.", ""]
+              (f"or `matekd predict {export} --data FILE --out predictions.tsv`; "
+              f"`matekd eval {export} --data FILE` scores a labeled file."), ""]
     return "\n".join(lines)
 
-
-def write_card(run_path: Path, export: str, folder: Path | None = None) -> None:
-    """README.md of `<run>/<export>` (or of `folder`, a model being exported), written beside
-    and renamed into place."""
-    folder = folder or run_path / export
-    tmp = folder / (CARD + ".tmp")
-    tmp.write_text(render(run_path, export))
-    os.replace(tmp, folder / CARD)
-
-
-def refresh_cards(run_path: Path) -> None:
-    """Rewrite the card of every carded export the run has (after training, after a robustness
-    evaluation)."""
-    for export in CARDED_EXPORTS:
-        if (run_path / export / "config.json").is_file():
-            write_card(run_path, export)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import copy
 import re
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ BUILTIN_SHAPES = {
     "tiny-student": (1, 64, 2, 256),
     "tiny-generator": (2, 64, 2, 256),
 }
-_BUILTIN_PATTERN = re.compile(r"bert-L(\d+)-H(\d+)(?:-A(\d+))?(?:-F(\d+))?$")
+_BUILTIN_PATTERN = re.compile(r"bert-L(\d+)-H(\d+)(?:-A(\d+))?(?:-F(\d+))?(?:-V(\d+))?$")
 
 
 def is_builtin(spec: str) -> bool:
@@ -36,7 +36,10 @@ def is_builtin(spec: str) -> bool:
 
 
 def builtin_config(spec: str, vocab_size: int, pad_token_id: int, max_positions: int = 512) -> BertConfig:
-    """`builtin:tiny-teacher` or `builtin:bert-L4-H256[-A4][-F1024]`: a BERT config, random init."""
+    """`builtin:tiny-teacher` or `builtin:bert-L4-H256[-A4][-F1024][-V30522]`: a BERT config,
+    random init. Its vocabulary is the tokenizer's (`vocab_size`), or with -V that many
+    embedding rows, at least the tokenizer's (a checkpoint's padded vocabulary, or a benchmark's
+    model of a real model's shape)."""
     name = spec[len(BUILTIN_PREFIX):]
     if name in BUILTIN_SHAPES:
         layers, hidden, heads, ffn = BUILTIN_SHAPES[name]
@@ -44,9 +47,15 @@ def builtin_config(spec: str, vocab_size: int, pad_token_id: int, max_positions:
         layers, hidden = int(match[1]), int(match[2])
         heads = int(match[3]) if match[3] else max(1, hidden // 64)
         ffn = int(match[4]) if match[4] else 4 * hidden
+        if match[5]:
+            if int(match[5]) < vocab_size:
+                raise MatekdError(f"builtin model '{spec}': {match[5]} embedding rows, fewer than the tokenizer's "
+                                  f"{vocab_size} tokens")
+            vocab_size = int(match[5])
     else:
         valid = ", ".join(BUILTIN_SHAPES)
-        raise MatekdError(f"unknown builtin model '{spec}' (valid: {valid}, or builtin:bert-L<layers>-H<hidden>)")
+        raise MatekdError(f"unknown builtin model '{spec}' (valid: {valid}, or builtin:bert-L<layers>-H<hidden>"
+                          "[-A<heads>][-F<ffn>][-V<vocabulary>])")
     if hidden % heads:
         raise MatekdError(f"builtin model '{spec}': hidden {hidden} is not divisible by {heads} heads")
     return BertConfig(
@@ -70,7 +79,7 @@ def _pretrained(loader: Callable, role: str, spec: str, **kwargs) -> nn.Module:
         return loader(spec, **kwargs)
     except MatekdError:
         raise
-    except Exception as err:  # noqa: BLE001 - OSError, ValueError, SafetensorError, RuntimeError...
+    except Exception as err:  # OSError, ValueError, SafetensorError, RuntimeError...
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         kind = "" if isinstance(err, (OSError, ValueError, KeyError)) else f"{type(err).__name__}: "
         raise MatekdError(f"could not load the {role} from '{spec}': {kind}{first or type(err).__name__}") from None
@@ -162,7 +171,7 @@ def _load_partitioned(auto_class, role: str, spec: str, config, zero3_config: di
         report = load_partitions(model, files)
     except MatekdError as err:
         raise MatekdError(f"could not load the {role} from '{spec}': {err}") from None
-    except Exception as err:  # noqa: BLE001 - a truncated or corrupt shard
+    except Exception as err:  # a truncated or corrupt shard
         raise MatekdError(f"could not load the {role} from '{spec}': {type(err).__name__}: {err}") from None
     init_missing(model, report["missing"])
     return model
@@ -301,7 +310,7 @@ def masked_lm_parts(model: nn.Module) -> MaskedLMParts:
         if head is not None and encoder is not None:
             if name == "generator_lm_head":  # ELECTRA splits its head in two
                 predictions = model.generator_predictions
-                return MaskedLMParts(encoder, lambda h: head(predictions(h)))
+                return MaskedLMParts(encoder, lambda h, head=head, predictions=predictions: head(predictions(h)))
             return MaskedLMParts(encoder, head)
     if encoder is not None and hasattr(model, "vocab_projector"):  # DistilBERT
         def distilbert_head(h):

@@ -24,7 +24,7 @@ class ConsoleHandler(logging.StreamHandler):
 
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
-        except Exception:  # noqa: BLE001 - logging must never stop a run
+        except Exception:  # logging must never stop a run
             self.handleError(record)
 
 

@@ -6,9 +6,8 @@ Two forms of the same perturbation:
 - `soft_embeddings` (generator steps): the straight-through one-hot y [M, V] of the masked
   rows only, times a model's word embeddings, replaces those rows' input embeddings so that the
   divergence's gradient reaches the generator's logits. The product runs inside the
-  word-embedding module's own forward, where ZeRO-3 has gathered the partitioned matrix E.
-  (`soft_inputs_embeds` computes the same embeddings outside any forward: fine for a module
-  whose weights are whole, wrong under ZeRO-3, where E is an empty placeholder out there.)
+  word-embedding module's own forward, where ZeRO-3 has gathered the partitioned matrix E
+  (outside any forward, E is an empty placeholder under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ class Perturber:
         self.tau = tau
 
     @classmethod
-    def for_run(cls, matekd: MatekdConfig, tokenizer) -> "Perturber":
+    def for_run(cls, matekd: MatekdConfig, tokenizer) -> Perturber:
         """The run's masking and sampling: matekd.mask_prob and gumbel_tau, the tokenizer's
         special tokens never masked, its mask token as the generator's input."""
         return cls(tokenizer.all_special_ids, tokenizer.mask_token_id, matekd.mask_prob, matekd.gumbel_tau)
@@ -84,15 +83,6 @@ class Perturber:
         return y
 
 
-def soft_inputs_embeds(model: nn.Module, mb: MaskedBatch, y: torch.Tensor) -> torch.Tensor:
-    """Input embeddings of `model` with the masked rows replaced by y @ E (E = its word
-    embeddings). Only M rows go through the M×V×H product; the rest are a plain lookup."""
-    embedding = model.get_input_embeddings()
-    base = embedding(mb.input_ids)
-    rows = y.to(embedding.weight.dtype) @ embedding.weight
-    return base.masked_scatter(mb.mask.unsqueeze(-1), rows)
-
-
 # The generator step's soft input, computed where a ZeRO-3 partitioned E is whole.
 #
 # A forward hook on the model's word-embedding module, placed before every other hook of that
@@ -101,7 +91,8 @@ def soft_inputs_embeds(model: nn.Module, mb: MaskedBatch, y: torch.Tensor) -> to
 #   again, runs after ours;
 # - backward: DeepSpeed's pre-backward hook wraps the output this hook returns, so E is gathered
 #   again before autograd reaches y @ E and computes dL/dy = dL/drows @ E^T.
-# Without DeepSpeed (or at ZeRO 0-2) the hook computes exactly what soft_inputs_embeds does.
+# Without DeepSpeed (or at ZeRO 0-2) the hook computes y @ E spliced into the looked-up embeddings
+# (tests/helpers.py: soft_inputs_embeds, the inputs_embeds path it is checked against).
 
 
 def _soft_rows_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
@@ -110,7 +101,8 @@ def _soft_rows_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tens
         return None
     mask, y = state
     if output.shape[:-1] != mask.shape:
-        raise RuntimeError(f"soft embeddings: the word embeddings returned {tuple(output.shape)} for a mask of {tuple(mask.shape)}")
+        raise RuntimeError(f"soft embeddings: the word embeddings returned {tuple(output.shape)} "
+                           f"for a mask of {tuple(mask.shape)}")
     rows = y.to(module.weight.dtype) @ module.weight
     return output.masked_scatter(mask.unsqueeze(-1), rows)
 

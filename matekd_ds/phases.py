@@ -4,9 +4,9 @@
   generator_warmup_phase   MLM warm-up of the generator on the task's text (if asked) -> GeneratorOutcome
   student_phase            train the student with ft, kd or matekd; export it       -> StudentOutcome
 
-A phase that trains runs a Trainer over a Method on engines from RunEngines, checkpoints under
-checkpoints/<phase>/ and exports its model into the run directory. pipeline.py runs them in turn
-and writes metrics.json from what they return.
+A phase that trains runs a Trainer over the Method that assembly.py builds for it, checkpoints
+under checkpoints/<phase>/ and exports its model into the run directory. pipeline.py runs them in
+turn and writes metrics.json from what they return.
 """
 
 from __future__ import annotations
@@ -19,15 +19,16 @@ from typing import Any
 import torch
 
 from matekd_ds import distributed, models
+from matekd_ds.assembly import build_generator_warmup, build_run, build_teacher_finetuning
+from matekd_ds.callbacks import Callbacks
 from matekd_ds.checkpoint import Checkpointer
 from matekd_ds.engines import RunEngines
 from matekd_ds.evaluation import DevEvaluator, evaluate, main_score
-from matekd_ds.inputs import RunInputs, zero3_construction_configs
-from matekd_ds.methods import FineTune, KnowledgeDistillation, MateKD, Method, MlmWarmup
+from matekd_ds.inputs import RunInputs
+from matekd_ds.methods import Method
 from matekd_ds.methods.mlm import MlmEvaluator
 from matekd_ds.monitor import Monitor, log
-from matekd_ds.partition import gathered_state_dict, is_partitioned, memory_record, param_numel
-from matekd_ds.perturb import Perturber
+from matekd_ds.partition import is_partitioned, memory_record, param_numel
 from matekd_ds.run_dir import RunDir
 from matekd_ds.teacher import Teacher
 from matekd_ds.trainer import LoopConfig, LoopState, Trainer
@@ -38,12 +39,14 @@ MLM_EVAL_EXAMPLES = 512  # dev examples scored during the generator's MLM warm-u
 @dataclass(frozen=True)
 class PhaseContext:
     """What every phase shares: the run's inputs, its engines, its directory, its scalar log,
-    and whether this invocation resumes an earlier one (and what that one recorded)."""
+    its callbacks, and whether this invocation resumes an earlier one (and what that one
+    recorded)."""
 
     inputs: RunInputs
     engines: RunEngines
     run: RunDir
     monitor: Monitor
+    callbacks: Callbacks
     resume: bool
     previous: dict[str, Any]  # the resumed run's metrics.json ({} for a fresh run)
 
@@ -52,7 +55,8 @@ class PhaseContext:
         cfg = self.inputs.cfg
         return Trainer(method, self.inputs.train, self.inputs.pad_id, device,
                        LoopConfig.of_run(cfg, phase, total_steps, self.inputs.dtype), evaluator,
-                       Checkpointer(self.run.checkpoints(phase), cfg.output.keep_checkpoints), self.monitor, on_best)
+                       Checkpointer(self.run.checkpoints(phase), cfg.output.keep_checkpoints), self.monitor,
+                       self.callbacks, on_best)
 
     def dev_evaluator(self, model: torch.nn.Module, device: torch.device) -> DevEvaluator:
         return DevEvaluator(model, self.inputs.dev, self.inputs.data.spec, self.inputs.cfg.eval.batch_size,
@@ -106,9 +110,9 @@ def teacher_phase(ctx: PhaseContext) -> TeacherOutcome:
 def _fine_tune_teacher(ctx: PhaseContext, model: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, Any]]:
     inputs = ctx.inputs
     spec, total = inputs.data.spec, ctx.engines.teacher_finetune_steps
-    engine = ctx.engines.teacher_finetune(model)
-    trainer = ctx.trainer(FineTune(engine, spec.is_regression, role="teacher"), "teacher", total,
-                          ctx.dev_evaluator(engine.module, engine.device), engine.device)
+    method = build_teacher_finetuning(inputs, ctx.engines, model)
+    engine = method.engines["teacher"]
+    trainer = ctx.trainer(method, "teacher", total, ctx.dev_evaluator(engine.module, engine.device), engine.device)
     log.info(f"[teacher] fine-tuning for {total} steps")
     state = trainer.fit(ctx.resume)
     ctx.run.export("teacher", engine.module, inputs.tokenizer)
@@ -116,7 +120,7 @@ def _fine_tune_teacher(ctx: PhaseContext, model: torch.nn.Module) -> tuple[torch
     # into the partitions of its frozen engine when that is ZeRO-3 too
     model = _module_after_training(engine, lambda: models.load_classifier(
         "teacher", str(ctx.run.model_dir("teacher")), spec.num_labels, inputs.tokenizer, spec.is_regression,
-        zero3_config=ctx.engines.ds_configs.get("teacher")))
+        zero3_config=inputs.zero3.after_training["teacher"]))
     distributed.barrier()
     return model, {"dev": state.evaluations[-1]["dev"], "best": state.best, "steps": state.step,
                    "train_seconds": state.train_seconds}
@@ -141,17 +145,18 @@ def generator_warmup_phase(ctx: PhaseContext) -> GeneratorOutcome:
         return GeneratorOutcome(generator, None)
     if inputs.models.generator_is_warm:
         return GeneratorOutcome(generator, ctx.previous.get("generator_warmup"))
-    engine = ctx.engines.generator_warmup(generator)
-    perturber = Perturber.for_run(inputs.cfg.matekd, inputs.tokenizer)
+    method = build_generator_warmup(inputs, ctx.engines, generator)
+    engine = method.engines["generator"]
     dev = next(iter(inputs.dev.values())).head(MLM_EVAL_EXAMPLES)
-    evaluator = MlmEvaluator(engine.module, perturber, dev, inputs.cfg.eval.batch_size, inputs.pad_id, engine.device)
+    evaluator = MlmEvaluator(engine.module, method.perturber, dev, inputs.cfg.eval.batch_size, inputs.pad_id,
+                             engine.device)
     before = evaluator()["dev"]
     log.info(f"[generator] MLM warm-up for {steps} steps; dev masked-token accuracy before: {before['accuracy']:.4f}")
-    state = ctx.trainer(MlmWarmup(engine, perturber), "generator_warmup", steps, evaluator, engine.device).fit(ctx.resume)
+    state = ctx.trainer(method, "generator_warmup", steps, evaluator, engine.device).fit(ctx.resume)
     ctx.run.export("generator_warm", engine.module, inputs.tokenizer)
     generator = _module_after_training(engine, lambda: models.load_generator(
         str(ctx.run.model_dir("generator_warm")), inputs.tokenizer,
-        zero3_config=zero3_construction_configs(inputs.cfg, ctx.engines.ds_configs, True)["generator"]))
+        zero3_config=inputs.zero3.after_training["generator"]))
     distributed.barrier()
     return GeneratorOutcome(generator, {"steps": state.step, "dev_before": before,
                                         "dev_after": state.evaluations[-1]["dev"]["dev"],
@@ -173,10 +178,10 @@ def student_phase(ctx: PhaseContext, teacher: Teacher | None, generator: torch.n
     """Train the student with the run's method, exporting student_best/ at every new best
     evaluation and student/ at the end."""
     inputs, cfg, device = ctx.inputs, ctx.inputs.cfg, distributed.device()
-    model = inputs.models.student if inputs.models.student is not None else _student_from_teacher(teacher, cfg)
-    method = _build_method(ctx, model, teacher, generator, device)
+    _, method = build_run(inputs, teacher=teacher, generator=generator)
     student = method.engines["student"].module
-    memory = {role: memory_record(engine.module, ctx.engines.ds_configs[role]) for role, engine in method.engines.items()}
+    memory = {role: memory_record(engine.module, ctx.engines.ds_configs[role])
+              for role, engine in method.engines.items()}
     total = ctx.engines.student_phase_steps
     on_best = partial(ctx.run.export, "student_best", student, inputs.tokenizer) if cfg.eval.save_best else None
     trainer = ctx.trainer(method, "student", total, ctx.dev_evaluator(student, device), device, on_best)
@@ -184,34 +189,3 @@ def student_phase(ctx: PhaseContext, teacher: Teacher | None, generator: torch.n
     state = trainer.fit(ctx.resume)
     ctx.run.export("student", student, inputs.tokenizer)
     return StudentOutcome(state, param_numel(student), memory)
-
-
-def _student_from_teacher(teacher: Teacher, cfg) -> torch.nn.Module:
-    """DistilBERT-style: the teacher's embeddings, head and chosen layers. A ZeRO-3 teacher
-    holds partitions only: the weights the student takes are gathered (CPU, every rank, one
-    module at a time); the layers it does not take never are."""
-    layers = cfg.models.student_init_from_teacher_layers
-    full = None
-    if is_partitioned(teacher.module):
-        full = gathered_state_dict(teacher.module, rank0_only=False,
-                                   keep=lambda key: models.teacher_key_in_student(key, layers))
-    student = models.init_student_from_teacher(teacher.module, layers, state_dict=full).float()
-    student.requires_grad_(True)
-    return student
-
-
-def _build_method(ctx: PhaseContext, student: torch.nn.Module, teacher: Teacher | None,
-                  generator: torch.nn.Module | None, device: torch.device) -> Method:
-    inputs, cfg = ctx.inputs, ctx.inputs.cfg
-    regression = inputs.data.spec.is_regression
-    if teacher is not None and cfg.method != "ft" and cfg.train.cache_teacher_logits:
-        teacher = teacher.with_cached_clean_logits(inputs.train, cfg.eval.batch_size, inputs.pad_id, device)
-    student_engine = ctx.engines.student(student)
-    if cfg.method == "ft":
-        return FineTune(student_engine, regression)
-    if cfg.method == "kd":
-        return KnowledgeDistillation(student_engine, teacher, regression, cfg.kd.alpha, cfg.kd.temperature)
-    m = cfg.matekd
-    return MateKD(student_engine, ctx.engines.generator(generator), teacher, Perturber.for_run(m, inputs.tokenizer),
-                  regression=regression, temperature=m.temperature, loss_weights=m.loss_weights,
-                  generator_steps=m.generator_steps, student_steps=m.student_steps)

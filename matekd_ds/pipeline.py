@@ -1,103 +1,113 @@
 """A whole run, in order (`matekd train`; every rank runs it):
 
-  1. inputs    load and check everything the run reads          inputs.prepare_inputs
-  2. run dir   check it, start the process group, lock, open    run_dir.RunDir
-  3. teacher   fine-tune (if asked), freeze, score              phases.teacher_phase
-  4. generator MLM warm-up (if asked)                           phases.generator_warmup_phase
-  5. student   ft / kd / matekd, export                         phases.student_phase
-  6. metrics.json, assembled here from what the phases returned
+  1. check the run directory: its path, --resume, what is already there    RunDir.check
+  2. load and check everything the run reads                               inputs.prepare_inputs
+  3. start the process group; build the ZeRO-3 models into their partitions
+  4. lock and open the run directory (config.yaml, tokenizer/)              RunDir.lock, RunDir.open
+  5. teacher: fine-tune (if asked), freeze, score                          phases.teacher_phase
+  6. generator: MLM warm-up (if asked)                                     phases.generator_warmup_phase
+  7. student: ft / kd / matekd, export                                     phases.student_phase
+  8. metrics.json, assembled here from what the phases returned
 
 Bad input stops at step 1 or 2 with one line, before DeepSpeed starts and before anything is
 written. metrics.json is written after every phase, so a run that ends early records how far it
 got and why: "interrupted" (a stop signal, Ctrl-C), "diverged" (a non-finite loss, gradient or
 parameter: the last checkpoint is the last finite one), or "failed" (any other error, a full disk).
+Between the steps the run's callbacks (callbacks.py) may stop it: a stop signal, or a fault the
+recovery tests inject.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers.utils import logging as hf_logging
 
-from matekd_ds import distributed, faults, signals
+from matekd_ds import distributed, signals
+from matekd_ds.assembly import run_engines
+from matekd_ds.callbacks import Callbacks, RunCallback
 from matekd_ds.config import RunConfig
-from matekd_ds.engines import RunEngines
 from matekd_ds.health import Diverged
-from matekd_ds.inputs import build_partitioned_models, estimated_output_bytes, prepare_inputs
+from matekd_ds.inputs import RunInputs, build_partitioned_models, estimated_output_bytes, prepare_inputs
 from matekd_ds.kernels import backend_info
 from matekd_ds.monitor import Monitor, log, setup_logging
 from matekd_ds.phases import (
-    GeneratorOutcome, PhaseContext, StudentOutcome, TeacherOutcome, generator_warmup_phase, student_phase,
+    GeneratorOutcome,
+    PhaseContext,
+    StudentOutcome,
+    TeacherOutcome,
+    generator_warmup_phase,
+    student_phase,
     teacher_phase,
 )
 from matekd_ds.run_dir import RunDir
 
 
-def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = False) -> dict[str, Any]:
+def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = False,
+                 callbacks: Sequence[RunCallback] = ()) -> dict[str, Any]:
     """Train as `cfg` says; returns what it wrote to metrics.json. `generator_only` (`matekd
     warmup-generator`) stops after the generator's MLM warm-up: one warmed generator, exported
-    to <run>/generator_warm, can then serve many MATE-KD runs (models.generator=that path)."""
+    to <run>/generator_warm, can then serve many MATE-KD runs (models.generator=that path).
+    `callbacks` run before the run's own stop-signal handling (callbacks.py)."""
+    hooks = Callbacks([*callbacks, signals.StopOnSignal()])
     signals.install()
     setup_logging(None)
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
     started = time.time()
+    run, inputs = open_run(cfg, resume, hooks)
+    setup_logging(run.logs / "train.log")
+    log.info(f"task {inputs.data.spec.name}: {len(inputs.train)} train examples, "
+             + ", ".join(f"{k} {len(v)}" for k, v in inputs.dev.items()) + f"; method {cfg.method}; "
+             f"dtype {inputs.dtype}; {distributed.world_size()} rank(s); run directory {run.path}")
+    monitor = Monitor(run.logs, cfg.logging.csv, cfg.logging.tensorboard)
+    ctx = PhaseContext(inputs, run_engines(inputs), run, monitor, hooks, resume,
+                       previous=run.read_metrics() if resume else {})
+    metrics = start_metrics(cfg, inputs.data.spec, inputs.dtype)
+    run.write_metrics(metrics)
+    try:
+        hooks.boundary("opened")
+        teacher = teacher_phase(ctx)
+        metrics.update(teacher_metrics(teacher))
+        run.write_metrics(metrics)
+        hooks.boundary("teacher")
+        generator = generator_warmup_phase(ctx)
+        metrics.update(generator_metrics(generator))
+        run.write_metrics(metrics)
+        if not generator_only:
+            hooks.boundary("warmup")
+            student = student_phase(ctx, teacher.teacher, generator.generator)
+            metrics.update(student_metrics(student, teacher))
+    except BaseException as err:  # the checkpoints stay; say why the run ended, then re-raise
+        record_end(run, metrics, err)
+        raise
+    finally:
+        monitor.close()
+    metrics.update(status="completed", wall_seconds=time.time() - started)
+    run.write_metrics(metrics)
+    refresh_cards(run)  # the exports' model cards, now with the final dev metrics
+    distributed.barrier()
+    return metrics
+
+
+def open_run(cfg: RunConfig, resume: bool, hooks: Callbacks) -> tuple[RunDir, RunInputs]:
+    """Steps 1-4: every check before anything is written, then the process group, the ZeRO-3
+    models and the run directory."""
     run = RunDir(cfg.output.dir)
     run.check(cfg, resume)
     inputs = prepare_inputs(cfg, resume)
     if not resume:
         run.check_space(estimated_output_bytes(inputs))
-    faults.at("loaded")
-    signals.stop_here("before the run started (nothing was written)", collective=False)
+    hooks.boundary("loaded")
     distributed.init()  # after every input check: bad input exits before any rank waits on another
     torch.manual_seed(cfg.train.seed + distributed.rank())  # per-rank dropout (each phase reseeds too)
     run.check_shared()
     inputs = build_partitioned_models(inputs)  # ZeRO-3 models, straight into their partitions
     run.lock()
     run.open(cfg, resume, inputs.tokenizer)
-    faults.at("opened")
-    setup_logging(run.logs / "train.log")
-    previous = run.read_metrics() if resume else {}
-    monitor = Monitor(run.logs, cfg.logging.csv, cfg.logging.tensorboard)
-    engines = RunEngines(cfg, inputs.ds_configs, inputs.dtype, inputs.batches_per_epoch)
-    ctx = PhaseContext(inputs, engines, run, monitor, resume, previous)
-
-    spec = inputs.data.spec
-    metrics: dict[str, Any] = {"status": "running", "task": spec.name, "method": cfg.method,
-                               "metric": spec.main_metric, "world_size": distributed.world_size(), "dtype": inputs.dtype,
-                               "kernels": backend_info()}  # which Triton (or torch) kernels ran
-    run.write_metrics(metrics)
-    log.info(f"task {spec.name}: {len(inputs.train)} train examples, "
-             + ", ".join(f"{k} {len(v)}" for k, v in inputs.dev.items()) + f"; method {cfg.method}; dtype {inputs.dtype}; "
-             f"{distributed.world_size()} rank(s); run directory {run.path}")
-    try:
-        signals.stop_here("before the teacher phase")
-        teacher = teacher_phase(ctx)
-        metrics.update(teacher_metrics(teacher))
-        run.write_metrics(metrics)
-        faults.at("teacher")
-        signals.stop_here("after the teacher phase")
-        generator = generator_warmup_phase(ctx)
-        metrics.update(generator_metrics(generator))
-        run.write_metrics(metrics)
-        if generator_only:
-            metrics.update(status="completed", wall_seconds=time.time() - started)
-            run.write_metrics(metrics)
-            return metrics
-        faults.at("warmup")
-        signals.stop_here("after the generator warm-up")
-        student = student_phase(ctx, teacher.teacher, generator.generator)
-    except BaseException as err:  # the checkpoints stay; say why the run ended, then re-raise
-        record_end(run, metrics, err)
-        raise
-    finally:
-        monitor.close()
-    metrics.update(student_metrics(student, teacher))
-    metrics.update(status="completed", wall_seconds=time.time() - started)
-    run.write_metrics(metrics)
-    distributed.barrier()
-    return metrics
+    return run, inputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +129,20 @@ def record_end(run: RunDir, metrics: dict[str, Any], err: BaseException) -> None
         run.write_metrics(dict(metrics, status=end_status(err), reason=f"{type(err).__name__}: {err}"))
     except OSError:
         pass
+
+
+def refresh_cards(run: RunDir) -> None:
+    """Best effort: the run is complete; on a full or read-only disk only its cards are stale."""
+    try:
+        run.refresh_cards()
+    except OSError as err:
+        log.warning(f"could not update the model card: {err.strerror or err}")
+
+
+def start_metrics(cfg: RunConfig, spec, dtype: str) -> dict[str, Any]:
+    return {"status": "running", "task": spec.name, "method": cfg.method, "metric": spec.main_metric,
+            "world_size": distributed.world_size(), "dtype": dtype,
+            "kernels": backend_info()}  # which Triton (or torch) kernels ran
 
 
 def teacher_metrics(outcome: TeacherOutcome) -> dict[str, Any]:

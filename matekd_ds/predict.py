@@ -4,7 +4,7 @@ Batched and sharded over ranks when launched by `deepspeed` (each rank scores 1/
 rank 0 writes). Per example: its id (the row's `id`/`idx`/`index`/`guid` column, `--id-column`,
 else its 0-based row number), the predicted class name (regression: the score) and every class's
 probability. The output's suffix chooses the format: `.tsv`, `.csv` or `.jsonl`; it is written
-beside and renamed into place, so it is complete or absent.
+beside and renamed into place (durable.write_atomic), so it is complete or absent.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,14 @@ import numpy as np
 import torch
 
 from matekd_ds import distributed
-from matekd_ds.data.batching import Encoded, encode
+from matekd_ds.config import RunConfig
+from matekd_ds.data.batching import Encoded
 from matekd_ds.data.glue import TaskSpec
 from matekd_ds.data.sources import Rows, column_choices, read_source
-from matekd_ds.data.tasks import task_spec
+from matekd_ds.durable import write_atomic
 from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation import predict as model_outputs
-from matekd_ds.evaluation_cli import (
-    load_model, load_target_tokenizer, quiet_libraries, resolve_target, run_columns, target_config,
-)
+from matekd_ds.evaluation_cli import encode_rows, load_target, run_columns
 
 OUTPUT_FORMATS = (".tsv", ".csv", ".jsonl")
 
@@ -89,18 +89,7 @@ def render(records: list[dict[str, Any]], suffix: str) -> str:
     return buffer.getvalue()
 
 
-def write_beside(path: Path, text: str) -> None:
-    """Written to a hidden file beside `path`, then renamed: `path` is whole or absent."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def one_source(request: PredictRequest, spec: TaskSpec, cfg) -> Rows:
+def one_source(request: PredictRequest, spec: TaskSpec, cfg: RunConfig) -> Rows:
     choices = column_choices(spec, run_columns(cfg, spec), request.text_columns, None)
     parts = read_source(request.data, spec, choices, labeled=False, id_column=request.id_column)
     if len(parts) != 1:
@@ -109,23 +98,22 @@ def one_source(request: PredictRequest, spec: TaskSpec, cfg) -> Rows:
     return parts[0]
 
 
+def _checked_rows(request: PredictRequest, cfg: RunConfig, spec: TaskSpec) -> Rows:
+    check_output_path(request.out)
+    return one_source(request, spec, cfg)
+
+
 def predict_file(request: PredictRequest) -> dict[str, Any] | None:
     """Load and check everything, score the rows over the ranks, write --out (rank 0)."""
-    quiet_libraries()
-    target = resolve_target(request.target)
-    cfg = target_config(target, request.config, request.overrides)
-    spec = task_spec(cfg)
-    check_output_path(request.out)
-    rows = one_source(request, spec, cfg)
-    tokenizer = load_target_tokenizer(target)
-    data = encode(rows.examples, tokenizer, cfg.data.max_length, spec.is_regression)
-    model = load_model("model", target.model, spec, tokenizer, cfg.data.max_length)
+    loaded = load_target(request.target, request.config, request.overrides, partial(_checked_rows, request))
+    rows = loaded.data
+    data = encode_rows(loaded, rows.examples)
     distributed.init()  # after every input check
-    outputs = score(model, data, cfg.eval.batch_size, tokenizer.pad_token_id)
+    outputs = score(loaded.model, data, loaded.cfg.eval.batch_size, loaded.tokenizer.pad_token_id)
     if not distributed.is_main():
         return None
-    write_beside(request.out, render(prediction_records(spec, rows.ids, outputs), request.out.suffix.lower()))
-    return {"model": target.model, "task": spec.name, "data": request.data, "examples": len(rows.ids),
+    write_atomic(request.out, render(prediction_records(loaded.spec, rows.ids, outputs), request.out.suffix.lower()))
+    return {"model": loaded.target.model, "task": loaded.spec.name, "data": request.data, "examples": len(rows.ids),
             "out": str(request.out), "world_size": distributed.world_size()}
 
 

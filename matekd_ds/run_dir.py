@@ -3,12 +3,18 @@ the experiment runner and the quality scripts.
 
     config.yaml            the resolved run config
     metrics.json           status, teacher and student metrics, evaluations, throughput, memory
+    robustness.json        `matekd eval RUN --perturbed`: clean and perturbed metrics of the student
     tokenizer/             the tokenizer the run trained with (a resume keeps it)
     teacher/               the teacher, when the run fine-tuned it
     generator_warm/        the generator after its MLM warm-up, when the run did one
     student/, student_best/  the exported student (save_pretrained + tokenizer)
     checkpoints/<phase>/   DeepSpeed checkpoints and loop state (checkpoint.py)
     logs/                  train.log, scalars.csv, tensorboard/
+
+Every file and folder is written durably (durable.py), by rank 0. A RunDir keeps in memory the
+config it was opened with, the last metrics it wrote and the robustness record, and renders the
+model cards of student/ and student_best/ from them (model_card.py): nothing it wrote is read
+back from disk.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from matekd_ds import distributed, model_card
-from matekd_ds.checkpoint import fsync_path, write_atomic
-from matekd_ds.config import RunConfig, config_from_dict, dump_config, read_config_file
+from matekd_ds.config import RunConfig, config_from_dict, read_config_file
+from matekd_ds.data.tasks import task_spec
+from matekd_ds.durable import atomic_folder, write_atomic
 from matekd_ds.errors import MatekdError
 from matekd_ds.partition import gathered_state_dict, is_partitioned
 
@@ -46,42 +54,32 @@ def name_labels(module: torch.nn.Module, label_names: list[str] | None) -> None:
 
 def export_model(module: torch.nn.Module, tokenizer, path: Path, label_names: list[str] | None = None,
                  card: str | None = None) -> None:
-    """save_pretrained + tokenizer (+ the model card `card` as README.md), written beside and
-    renamed into place (rank 0). Every rank calls it: a ZeRO-3 module's weights are gathered
-    first (a collective), one layer at a time."""
+    """save_pretrained + tokenizer (+ the model card `card` as README.md), as one folder put in
+    place durably (rank 0): the export is the old one or the new one, whole. Every rank calls it:
+    a ZeRO-3 module's weights are gathered first (a collective), one layer at a time."""
     state = gathered_state_dict(module) if is_partitioned(module) else None
     if not distributed.is_main():
         return
     name_labels(module, label_names)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_folder(path) as tmp:
         if state is not None:
             module.save_pretrained(tmp, state_dict=state)
         else:
             module.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if card is not None:
-            (tmp / model_card.CARD).write_text(card)
-        for file in tmp.iterdir():
-            fsync_path(file)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves no half-written folder
-        raise
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+            (tmp / model_card.CARD).write_text(card)  # fsync'ed with the folder
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_fd: int | None = None
+        # What the cards are rendered from: set by open() (or read_state()), write_metrics() and
+        # write_robustness(), never read back from the files this object wrote.
+        self._cfg: RunConfig | None = None
+        self._metrics: dict[str, Any] = {}
+        self._robustness: dict[str, Any] | None = None
 
     # -- where things are
 
@@ -92,6 +90,10 @@ class RunDir:
     @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.json"
+
+    @property
+    def robustness_file(self) -> Path:
+        return self.path / "robustness.json"
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -130,23 +132,66 @@ class RunDir:
     def read_config(self) -> dict[str, Any]:
         return read_config_file(self.config_file)
 
+    def read_robustness(self) -> dict[str, Any] | None:
+        """robustness.json, or None when robustness was not measured."""
+        if not self.robustness_file.is_file():
+            return None
+        try:
+            return json.loads(self.robustness_file.read_text())
+        except json.JSONDecodeError as err:
+            raise MatekdError(f"{self.robustness_file} is not valid JSON ({err}); "
+                              "rerun `matekd eval RUN --perturbed` to rewrite it") from None
+
+    def read_state(self) -> RunDir:
+        """For a process that did not train the run (`matekd eval RUN --perturbed`): its config,
+        metrics and robustness record, read from its files, as open() and write_metrics() would
+        have left them. Returns self."""
+        # the run's own values, but checked as eval checks them: its training file may be gone
+        self._cfg = config_from_dict(self.read_config(), for_training=False)
+        self._metrics = self.read_metrics()
+        self._robustness = self.read_robustness()
+        return self
+
     # -- writing (rank 0 writes; every rank may call)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
+        text = json.dumps(metrics, indent=2)
+        self._metrics = json.loads(text)  # what was written, not the caller's dict it may still change
         if distributed.is_main():
-            write_atomic(self.metrics_file, json.dumps(metrics, indent=2))
+            write_atomic(self.metrics_file, text)
+
+    def write_robustness(self, robustness: dict[str, Any]) -> None:
+        """robustness.json (settings, clean and perturbed metrics, agreement, KL); refresh_cards()
+        puts it in the model cards."""
+        text = json.dumps(robustness, indent=2)
+        self._robustness = json.loads(text)
+        if distributed.is_main():
+            write_atomic(self.robustness_file, text)
+
+    def _opened_config(self) -> RunConfig:
+        if self._cfg is None:
+            raise RuntimeError(f"RunDir {self.path}: open() or read_state() first")
+        return self._cfg
+
+    def _card(self, name: str) -> str:
+        return model_card.render(self._opened_config(), self._metrics, self._robustness, self.path.name, name)
 
     def export(self, name: str, module: torch.nn.Module, tokenizer) -> None:
         """A classifier export names its classes after the task's; student exports carry a model
-        card (rewritten with the final metrics once the run ends)."""
-        labels = model_card.label_names(self.path) if name != "generator_warm" else None
-        card = None
-        if name in model_card.CARDED_EXPORTS and distributed.is_main():
-            try:
-                card = model_card.render(self.path, name)
-            except MatekdError:
-                card = None  # no readable config.yaml: the export itself matters more
-        export_model(module, tokenizer, self.model_dir(name), labels, card)
+        card (refresh_cards() rewrites it with the final metrics once the run ends). After open()."""
+        cfg = self._opened_config()
+        labels = task_spec(cfg).label_names if name != "generator_warm" else None
+        card = self._card(name) if name in model_card.CARDED_EXPORTS and distributed.is_main() else None
+        export_model(module, tokenizer, self.model_dir(name), list(labels) if labels else None, card)
+
+    def refresh_cards(self) -> None:
+        """Rewrite the model card of student/ and student_best/ (those that exist) from what this
+        object holds now: after training, after a robustness evaluation. Rank 0; a no-op elsewhere."""
+        if not distributed.is_main():
+            return
+        for name in model_card.CARDED_EXPORTS:
+            if self.has_model(name):
+                write_atomic(self.model_dir(name) / model_card.CARD, self._card(name))
 
     def _holds_files(self) -> bool:
         return self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
@@ -193,8 +238,8 @@ class RunDir:
         paths = distributed.gather_objects(str(self.path.absolute()))
         other = next(((rank, p) for rank, p in enumerate(paths) if p != paths[0]), None)
         if other is not None:
-            raise MatekdError(f"output.dir differs between ranks ({paths[0]} on rank 0, {other[1]} on rank {other[0]}): "
-                              "every rank must write to one directory, on a filesystem all nodes share")
+            raise MatekdError(f"output.dir differs between ranks ({paths[0]} on rank 0, {other[1]} on rank "
+                              f"{other[0]}): every rank must write to one directory, on a filesystem all nodes share")
         probe = distributed.gather_objects(
             str(_existing_ancestor(self.path) / f".matekd-shared-{os.getpid()}-{time.time_ns()}"))[0]
         if distributed.is_main():
@@ -225,7 +270,8 @@ class RunDir:
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            return f"output.dir {self.path} is in use by a running matekd ({holder}); wait for it or choose another output.dir"
+            return (f"output.dir {self.path} is in use by a running matekd ({holder}); "
+                    "wait for it or choose another output.dir")
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
         os.fsync(fd)
@@ -233,8 +279,8 @@ class RunDir:
         return None
 
     def open(self, cfg: RunConfig, resume: bool, tokenizer) -> None:
-        """Create (or, resuming, reuse) the directory; write config.yaml and the tokenizer.
-        Collective: call after lock()."""
+        """Create (or, resuming, reuse) the directory; write config.yaml and the tokenizer; keep
+        `cfg` for the model cards. Collective: call after lock()."""
         if distributed.is_main():
             if not resume and self._holds_files():
                 # output.overwrite: never delete a user's trained model; move the old run aside
@@ -249,9 +295,15 @@ class RunDir:
                 if problem:
                     raise MatekdError(problem)
             self.logs.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.config_file)
+            write_atomic(self.config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             if not self.tokenizer_dir.exists():
-                tokenizer.save_pretrained(self.tokenizer_dir)
+                with atomic_folder(self.tokenizer_dir) as tmp:
+                    tokenizer.save_pretrained(tmp)
+        self._cfg = cfg
+        self._metrics = {}
+        # a resumed run keeps its robustness record (as its cards did); a fresh one has none.
+        # Only rank 0 renders cards.
+        self._robustness = self.read_robustness() if resume and distributed.is_main() else None
         distributed.barrier()
 
 

@@ -14,6 +14,7 @@ import signal
 import time
 
 from matekd_ds import distributed
+from matekd_ds.callbacks import RunCallback, StepEnd
 from matekd_ds.monitor import log
 
 EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect of a job that stopped on request
@@ -61,3 +62,22 @@ def stop_here(where: str, collective: bool = True) -> None:
     """Raise StopRequested if a stop was requested (on any rank)."""
     if agreed(collective):
         raise StopRequested(f"stopped {where}; continue with --resume")
+
+
+# Where a stop at each pipeline boundary leaves the run. "loaded" comes before the process group
+# exists, so each rank decides alone there (and has written nothing).
+_AT_BOUNDARY = {"loaded": "before the run started (nothing was written)", "opened": "before the teacher phase",
+                "teacher": "after the teacher phase", "warmup": "after the generator warm-up"}
+
+
+class StopOnSignal(RunCallback):
+    """The run's answer to SIGTERM/SIGINT: stop at the next boundary, or checkpoint and stop at
+    the next step on which every rank can agree (every step on one rank, logging steps on more)."""
+
+    def on_boundary(self, point: str) -> None:
+        stop_here(_AT_BOUNDARY[point], collective=point != "loaded")
+
+    def on_step_end(self, event: StepEnd) -> bool:
+        if distributed.world_size() == 1:
+            return requested()
+        return event.collective_ok and agreed()

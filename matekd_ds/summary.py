@@ -35,7 +35,10 @@ def print_summary(metrics: dict[str, Any], run_dir: str) -> None:
         return
     rows = summary_rows(metrics)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
+
+    def line(r):
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths))
+
     print()
     print(line(rows[0]))
     print("  ".join("-" * w for w in widths))

@@ -43,11 +43,12 @@ class Teacher:
         if self.engine is not None:
             release_backward_leftovers(self.engine)
 
-    def with_cached_clean_logits(self, train: Encoded, batch_size: int, pad_id: int, device: torch.device) -> "Teacher":
+    def with_cached_clean_logits(self, train: Encoded, batch_size: int, pad_id: int, device: torch.device) -> Teacher:
         """This teacher with its clean logits on the whole training set computed once (a
         sharded pass): frozen and in eval mode, its clean logits never change, so a lookup by
         example index replaces a teacher forward in every step."""
         started = time.perf_counter()
         table = torch.from_numpy(predict(self.module, train, batch_size, pad_id, device)).to(device)
-        log.info(f"[teacher] cached clean logits of {len(train)} training examples in {time.perf_counter() - started:.1f}s")
+        log.info(f"[teacher] cached clean logits of {len(train)} training examples "
+                 f"in {time.perf_counter() - started:.1f}s")
         return Teacher(self.module, engine=self.engine, clean_table=table)

@@ -1,21 +1,22 @@
 """The training loop for one phase (teacher fine-tuning, the generator's MLM warm-up, or the
 student's ft/kd/matekd run): batches in, method steps, periodic evaluation, logging and
-checkpoints, resumable at any step."""
+checkpoints, resumable at any step. What else happens after a step (a stop request, the tests'
+injected faults) comes through the run's callbacks (callbacks.py)."""
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import numpy as np
-
-from matekd_ds import distributed, faults, signals
+from matekd_ds import distributed, signals
+from matekd_ds.callbacks import Callbacks, StepEnd
 from matekd_ds.checkpoint import Checkpointer
 from matekd_ds.config import RunConfig
 from matekd_ds.data.batching import Encoded, TrainStream, collate, to_device
@@ -26,6 +27,30 @@ from matekd_ds.monitor import Monitor, log
 
 # Each phase draws its own masks and noise (the student phase's offset is 7_919).
 PHASE_SEED_OFFSETS = {"teacher": 0, "student": 7_919, "generator_warmup": 104_723}
+
+
+# Seeds are a pure function of (seed, phase, step, micro-batch, rank), so a resumed run draws the
+# same masks, Gumbel noise and dropout as an uninterrupted one (and the benchmarks, which step a
+# method outside this loop, draw what a run draws).
+
+def _phase_base(seed: int, phase: str) -> int:
+    return seed * 1_000_003 + PHASE_SEED_OFFSETS.get(phase, 7_919)
+
+
+def micro_seeds(seed: int, phase: str, step: int, rank: int, grad_accum: int) -> list[int]:
+    """One seed per micro-batch of `step`, for its masks and noise."""
+    base = _phase_base(seed, phase) % (1 << 31)
+    return [(base * 31 + step * 104_729 + micro * 1_299_709 + rank * 15_485_863) % (1 << 62)
+            for micro in range(grad_accum)]
+
+
+def seed_phase(seed: int, phase: str, rank: int) -> None:
+    """Dropout and every other draw of a phase start from (seed, phase, rank) alone, so a phase
+    runs the same whether earlier phases ran in this process or were resumed."""
+    phase_seed = (_phase_base(seed, phase) + rank * 15_485_863) % (1 << 31)
+    torch.manual_seed(phase_seed)
+    np.random.seed(phase_seed)
+    random.seed(phase_seed)
 
 
 @dataclass
@@ -47,7 +72,7 @@ class LoopConfig:
     group_by_length: bool = False  # data.group_by_length: batches of similar token counts
 
     @classmethod
-    def of_run(cls, cfg: RunConfig, phase: str, total_steps: int, dtype: str) -> "LoopConfig":
+    def of_run(cls, cfg: RunConfig, phase: str, total_steps: int, dtype: str) -> LoopConfig:
         return cls(
             phase=phase, total_steps=total_steps, micro_batch=cfg.train.micro_batch_size,
             grad_accum=cfg.train.gradient_accumulation_steps, seed=cfg.train.seed,
@@ -81,40 +106,23 @@ class Trainer:
     after an evaluation that improved the main score (the student phase exports student_best)."""
 
     def __init__(self, method: Method, train: Encoded, pad_id: int, device: torch.device, loop: LoopConfig,
-                 evaluator: Evaluator, checkpointer: Checkpointer, monitor: Monitor,
+                 evaluator: Evaluator, checkpointer: Checkpointer, monitor: Monitor, callbacks: Callbacks,
                  on_best: Callable[[], None] | None = None):
         self.method, self.evaluator = method, evaluator
         self.train_data, self.pad_id, self.device = train, pad_id, device
         self.loop, self.checkpointer, self.monitor, self.on_best = loop, checkpointer, monitor, on_best
+        self.callbacks = callbacks
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.stream = TrainStream.over(train, loop.micro_batch, self.rank, self.world, loop.seed,
                                        group_by_length=loop.group_by_length)
         self.state = LoopState()
         self.health = TrainingHealth(loop.allow_overflow_skips, loop.max_overflow_skips)
 
-    # -- seeds: a pure function of (seed, phase, step, micro-batch, rank), so a resumed run
-    #    draws the same masks and Gumbel noise as an uninterrupted one.
-    def micro_seeds(self, step: int) -> list[int]:
-        base = (self.loop.seed * 1_000_003 + PHASE_SEED_OFFSETS.get(self.loop.phase, 7_919)) % (1 << 31)
-        return [
-            (base * 31 + step * 104_729 + micro * 1_299_709 + self.rank * 15_485_863) % (1 << 62)
-            for micro in range(self.loop.grad_accum)
-        ]
-
-    def seed_phase(self) -> None:
-        """Dropout and every other draw of this phase start from (seed, phase, rank) alone, so a
-        phase runs the same whether earlier phases ran in this process or were resumed."""
-        phase_seed = (self.loop.seed * 1_000_003 + PHASE_SEED_OFFSETS.get(self.loop.phase, 7_919)
-                      + self.rank * 15_485_863) % (1 << 31)
-        torch.manual_seed(phase_seed)
-        np.random.seed(phase_seed)
-        random.seed(phase_seed)
-
     def fit(self, resume: bool) -> LoopState:
         """Train to `loop.total_steps`; with `resume`, from this phase's newest verified
         checkpoint (if it has one). Raises Diverged, StopRequested or the error that ended it."""
         signals.install()
-        self.seed_phase()
+        seed_phase(self.loop.seed, self.loop.phase, self.rank)
         restored = self._restore() if resume else False
         if self.loop.checkpoint_at_start and not restored and self.state.step == 0:
             self.save()
@@ -131,45 +139,57 @@ class Trainer:
             bar.close()
         return self.state
 
-    def _run(self, batches, bar) -> None:
+    def _run(self, batches: Iterator[list[int]], bar) -> None:
         window: dict[str, list] = {}  # scalar name -> [sum, count]
         while self.state.step < self.loop.total_steps:
-            step = self.state.step
-            started = time.perf_counter()
-            cpu_batches = [collate(self.train_data, next(batches), self.pad_id) for _ in range(self.loop.grad_accum)]
-            micro = [to_device(b, self.device) for b in cpu_batches]
-            losses = self.method.train_step(micro, step, self.micro_seeds(step))
-            self.state.step += 1
-            self.state.train_seconds += time.perf_counter() - started
-            self.state.samples += sum(len(b["input_ids"]) for b in cpu_batches) * self.world
-            self.state.tokens += int(sum(b["attention_mask"].sum() for b in cpu_batches)) * self.world
-            # MATE-KD logs per engine ("generator/gen_div", "student/loss"); others under their phase.
-            prefix = self.method.phase(step)
-            self.health.after_step(step + 1, prefix, losses, self.method.engines)
-            faults.poison_after_step(self.loop.phase, step + 1, self.method.engines, prefix)
-            for key, value in losses.items():
-                entry = window.setdefault(f"{prefix}/{key}", [0.0, 0])
-                entry[0], entry[1] = entry[0] + value, entry[1] + 1
+            trained, losses = self._train_step(batches)
+            self._add_to_window(window, self._log_prefix(trained), losses)
             bar.update(1)
-            last = self.state.step == self.loop.total_steps
-            if self.state.step % self.loop.log_every == 0 or last:
+            if self._due(self.loop.log_every):
                 self._log_window(window, bar)
                 window = {}
-            if (self.loop.eval_every and self.state.step % self.loop.eval_every == 0) or last:
+            if self._due(self.loop.eval_every):
                 self.run_evaluation()
-            if (self.loop.checkpoint_every and self.state.step % self.loop.checkpoint_every == 0) or last:
+            if self._due(self.loop.checkpoint_every):
                 self.save()
-            faults.crash_after_step(self.loop.phase, self.state.step)
-            if self._should_stop():
+            event = StepEnd(self.loop.phase, self.state.step, trained, losses, self.method.engines,
+                            collective_ok=self.state.step % self.loop.log_every == 0)
+            if self.callbacks.step_end(event):
                 self.save()
                 raise signals.StopRequested(f"stopped at step {self.state.step} of the {self.loop.phase} phase; "
                                             "continue with --resume")
 
-    def _should_stop(self) -> bool:
-        """Every rank must stop at the same step: agree on it at logging steps (a collective)."""
-        if self.world == 1:
-            return signals.requested()
-        return self.state.step % self.loop.log_every == 0 and signals.agreed()
+    def _train_step(self, batches: Iterator[list[int]]) -> tuple[str, dict[str, torch.Tensor]]:
+        """One step of the method on the next micro-batches; returns the role it trained and
+        its losses (still on the device: nothing here waits for them)."""
+        step = self.state.step
+        started = time.perf_counter()
+        cpu_batches = [collate(self.train_data, next(batches), self.pad_id) for _ in range(self.loop.grad_accum)]
+        micro = [to_device(b, self.device) for b in cpu_batches]
+        losses = self.method.train_step(micro, step, micro_seeds(self.loop.seed, self.loop.phase, step, self.rank,
+                                                                 self.loop.grad_accum))
+        self.state.step += 1
+        self.state.train_seconds += time.perf_counter() - started
+        self.state.samples += sum(len(b["input_ids"]) for b in cpu_batches) * self.world
+        self.state.tokens += int(sum(b["attention_mask"].sum() for b in cpu_batches)) * self.world
+        trained = self.method.trains(step)
+        self.health.after_step(step + 1, self._log_prefix(trained), losses, self.method.engines)
+        return trained, losses
+
+    def _due(self, every: int) -> bool:
+        """Whether something done every `every` steps (0: only at the end) is due now."""
+        return (every and self.state.step % every == 0) or self.state.step == self.loop.total_steps
+
+    def _log_prefix(self, trained: str) -> str:
+        """Losses are logged under the phase ("student/loss"), or, for a method that trains
+        several engines (MATE-KD), under the engine the step trained ("generator/gen_div")."""
+        return trained if len(self.method.engines) > 1 else self.loop.phase
+
+    @staticmethod
+    def _add_to_window(window: dict[str, list], prefix: str, losses: dict[str, torch.Tensor]) -> None:
+        for key, value in losses.items():
+            entry = window.setdefault(f"{prefix}/{key}", [0.0, 0])
+            entry[0], entry[1] = entry[0] + value, entry[1] + 1
 
     def _agree_on_health(self, check) -> None:
         """Run a health check on every rank and raise the same Diverged everywhere."""
@@ -218,7 +238,8 @@ class Trainer:
                 for split, metrics in results.items() for name, value in metrics.items()}
         self.monitor.write(self.state.step, flat)
         summary = ", ".join(f"{split} {self.evaluator.metric_name} {m['main']:.4f}" for split, m in results.items())
-        log.info(f"[{self.loop.phase}] step {self.state.step}/{self.loop.total_steps}: {summary}{' (best)' if improved else ''}")
+        log.info(f"[{self.loop.phase}] step {self.state.step}/{self.loop.total_steps}: "
+                 f"{summary}{' (best)' if improved else ''}")
         return record
 
     def _check_finite(self) -> None:

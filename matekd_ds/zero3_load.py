@@ -224,7 +224,7 @@ class BinFile:
         self.path = path
         try:
             self.state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+        except Exception as err:  # a truncated or foreign file
             raise MatekdError(f"{path} could not be read ({type(err).__name__}: {str(err)[:120]})") from None
 
     def close(self) -> None:

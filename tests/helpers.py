@@ -12,14 +12,13 @@ from pathlib import Path
 import torch
 
 from matekd_ds import distributed, models
+from matekd_ds.assembly import build_run, run_inputs
+from matekd_ds.config import RunConfig, load_config
 from matekd_ds.data import synthetic
 from matekd_ds.data.batching import collate, encode
 from matekd_ds.data.tokenizer import train_wordpiece
 from matekd_ds.ds_config import finalize_ds_config, finalize_teacher_ds_config, read_ds_config
-from matekd_ds.engines import EngineSpec, build_engine, build_teacher_engine, place_frozen_teacher
 from matekd_ds.methods import MateKD
-from matekd_ds.perturb import Perturber
-from matekd_ds.teacher import Teacher
 
 REPO = Path(__file__).resolve().parents[1]
 GLUE = REPO.parent / "shared" / "data" / "glue"
@@ -31,11 +30,21 @@ def load_benchmark_script(relative: str):
     """A script under benchmarks/ by path (benchmarks/ is not an installed package), registered
     under its file name so that its dataclasses and pickles resolve."""
     path = REPO / "benchmarks" / relative
+    if str(path.parent) not in sys.path:  # its own imports (harness, reference_matekd) live beside it
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(path.stem, module)
     spec.loader.exec_module(module)
     return module
+
+
+# The tiny task every in-process test shares: 300 synthetic sentences (seed 5), a WordPiece
+# vocabulary of at most 500 tokens built on them, sequences of at most 32 tokens. tiny_tokenizer()
+# and a run config with TINY_TASK build the same tokenizer and the same encoded training rows, so
+# tiny_batch's example indices are the run's own (its teacher's clean-logit table applies).
+TINY_TASK = ["task=synthetic", "data.synthetic.train_size=300", "data.synthetic.dev_size=50",
+             "data.synthetic.seed=5", "data.max_length=32", "models.builtin_tokenizer_vocab_size=500"]
 
 
 def tiny_tokenizer():
@@ -65,27 +74,37 @@ def tiny_models(tokenizer):
             "generator": models.load_generator("builtin:bert-L1-H32-A2", tokenizer)}
 
 
-def tiny_matekd(stage: int, tokenizer, generator_lr: float = 1e-3, weights=(1 / 3, 1 / 3, 1 / 3),
-                teacher_table: torch.Tensor | None = None, zero3_teacher: bool | None = None,
-                built: dict | None = None, micro_batch: int = 6, dtype: str = "fp32",
-                generator_preset: str | None = None) -> MateKD:
-    """Student and generator engines at ZeRO `stage`; the teacher a plain frozen module, or
-    (zero3_teacher, the default at stage 3) a ZeRO-3 inference engine."""
-    distributed.init()
-    built = built or tiny_models(tokenizer)
-    config = ds_config(stage, dtype=dtype, micro_batch=micro_batch)
-    student_engine = build_engine(built["student"], EngineSpec("student", config, 1e-3, 0.01, 100))
-    generator_config = ds_config(stage, dtype=dtype, micro_batch=micro_batch, preset=generator_preset)
-    generator_engine = build_engine(built["generator"], EngineSpec("generator", generator_config, generator_lr, 0.0,
-                                                                   100, schedule="constant"))
-    perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, 1.0)
-    if (stage == 3) if zero3_teacher is None else zero3_teacher:
-        teacher_engine = build_teacher_engine(built["teacher"], teacher_ds_config(dtype, micro_batch=micro_batch))
-        teacher = Teacher(teacher_engine.module, engine=teacher_engine, clean_table=teacher_table)
-    else:
-        teacher = Teacher(place_frozen_teacher(built["teacher"], dtype, torch.device("cpu")), clean_table=teacher_table)
-    return MateKD(student_engine, generator_engine, teacher, perturber,
-                  regression=False, temperature=1.0, loss_weights=list(weights), generator_steps=1, student_steps=1)
+def tiny_run_config(*overrides: str) -> RunConfig:
+    """MATE-KD on the tiny task with tiny builtin models and a 1:1 cycle, as a run config."""
+    return load_config(None, [*TINY_TASK, "method=matekd", "models.teacher=builtin:bert-L2-H32-A2",
+                              "models.student=builtin:bert-L1-H32-A2", "models.generator=builtin:bert-L1-H32-A2",
+                              "models.teacher_finetune_epochs=0", "train.max_steps=100", "train.lr=1e-3",
+                              "matekd.generator_steps=1", "matekd.student_steps=1", *overrides])
+
+
+def tiny_matekd(stage: int, generator_lr: float = 1e-3, weights=(1 / 3, 1 / 3, 1 / 3),
+                zero3_teacher: bool | None = None, micro_batch: int = 6, dtype: str = "fp32",
+                generator_preset: str | None = None, overrides: tuple[str, ...] = ()) -> MateKD:
+    """MATE-KD as `matekd train` builds it (assembly.build_run): student and generator engines at
+    ZeRO `stage`, the teacher a plain frozen module, or (zero3_teacher, the default at stage 3) a
+    ZeRO-3 inference engine; `overrides`: more run-config keys."""
+    zero3_teacher = stage == 3 if zero3_teacher is None else zero3_teacher
+    cfg = tiny_run_config(f"deepspeed.student=zero{stage}", f"deepspeed.generator={generator_preset or f'zero{stage}'}",
+                          f"deepspeed.teacher={'teacher-inference' if zero3_teacher else 'none'}",
+                          f"train.dtype={dtype}", f"train.micro_batch_size={micro_batch}",
+                          f"matekd.generator_lr={generator_lr}", f"matekd.loss_weights={list(weights)}", *overrides)
+    _, method = build_run(run_inputs(cfg))
+    return method
+
+
+def soft_inputs_embeds(model, mb, y: torch.Tensor) -> torch.Tensor:
+    """The soft input of a generator step computed outside any forward, as inputs_embeds: the
+    masked rows of `model`'s looked-up embeddings replaced by y @ E (E = its word embeddings).
+    The reference perturb.soft_embeddings is checked against; right only for a whole E (under
+    ZeRO-3, E outside its module's forward is an empty placeholder)."""
+    embedding = model.get_input_embeddings()
+    rows = y.to(embedding.weight.dtype) @ embedding.weight
+    return embedding(mb.input_ids).masked_scatter(mb.mask.unsqueeze(-1), rows)
 
 
 def param_tensors(module) -> dict:

@@ -50,21 +50,25 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("after")
     examples = synthetic.generate(120, seed=7)
     rng = random.Random(0)
-    rows = [{"id": f"r{i}", "question": ex.texts[0], "label": LABELS[rng.randrange(3)]} for i, ex in enumerate(examples)]
+    rows = [{"id": f"r{i}", "question": ex.texts[0], "label": LABELS[rng.randrange(3)]}
+            for i, ex in enumerate(examples)]
     train, dev = rows[:80], rows[80:]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (root / "dev.json").write_text(json.dumps(dev, indent=1))
     (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev))
-    (root / "dev.tsv").write_text("id\tquestion\tlabel\n" + "".join(f"{r['id']}\t{r['question']}\t{r['label']}\n" for r in dev))
+    (root / "dev.tsv").write_text("id\tquestion\tlabel\n"
+                                  + "".join(f"{r['id']}\t{r['question']}\t{r['label']}\n" for r in dev))
     with open(root / "dev.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["id", "question", "label"], quoting=csv.QUOTE_ALL)
         writer.writeheader()
         writer.writerows(dev)
-    (root / "unlabeled.jsonl").write_text("".join(json.dumps({"id": r["id"], "question": r["question"]}) + "\n" for r in dev))
+    (root / "unlabeled.jsonl").write_text("".join(json.dumps({"id": r["id"], "question": r["question"]}) + "\n"
+                                                  for r in dev))
     tokenizer = train_wordpiece([ex.texts[0] for ex in examples], 400)
     teacher = _save_classifier(root / "teacher", tokenizer, 3)
     generator = root / "generator"
-    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **TINY)).save_pretrained(generator)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               **TINY)).save_pretrained(generator)
     return {"root": root, "dev": dev, "teacher": teacher, "generator": generator, "tokenizer": tokenizer}
 
 
@@ -309,7 +313,8 @@ def _read_predictions(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines()]
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ","))
-    return [{"id": r["id"], "label": r["label"], "probabilities": {c: float(r[f"prob_{c}"]) for c in LABELS}} for r in rows]
+    return [{"id": r["id"], "label": r["label"], "probabilities": {c: float(r[f"prob_{c}"]) for c in LABELS}}
+            for r in rows]
 
 
 def test_predict_writes_ids_labels_and_probabilities_in_every_format(trained, assets, tmp_path, capfd):
@@ -356,10 +361,11 @@ GLUE_TEST_FILES = {
     "CoLA/test.tsv": ["index", "sentence"],
     "SST-2/test.tsv": ["index", "sentence"],
     "MRPC/test.tsv": ["index", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-    "STS-B/test.tsv": ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"],
+    "STS-B/test.tsv": ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
+                       "sentence2"],
     "QQP/test.tsv": ["id", "question1", "question2"],
-    "MNLI/test_matched.tsv": ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-                              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"],
+    "MNLI/test_matched.tsv": ["index", "promptID", "pairID", "genre", "sentence1_binary_parse",
+                              "sentence2_binary_parse", "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"],
     "QNLI/test.tsv": ["index", "question", "sentence"],
     "RTE/test.tsv": ["index", "sentence1", "sentence2"],
     "WNLI/test.tsv": ["index", "sentence1", "sentence2"],
@@ -428,7 +434,8 @@ def test_glue_test_submission_passes_the_format_check(glue_models, tmp_path, cap
 
 def test_glue_test_without_the_task_test_file_writes_nothing(glue_models, tmp_path, capfd):
     (tmp_path / "RTE").mkdir()
-    code, _, err = matekd(capfd, "predict", glue_models[2], "task=rte", "--glue-test", tmp_path, "--out", tmp_path / "sub")
+    code, _, err = matekd(capfd, "predict", glue_models[2], "task=rte", "--glue-test", tmp_path,
+                          "--out", tmp_path / "sub")
     assert code == 2 and "no rte test file" in err and not (tmp_path / "sub").exists()
 
 
@@ -456,11 +463,13 @@ def test_perturbed_eval_puts_clean_and_perturbed_side_by_side(trained, assets, t
     for who, model in (("student", run), ("teacher", assets["teacher"])):
         out = tmp_path / f"{who}.jsonl"
         extra = [] if who == "student" else [*CUSTOM]
-        assert matekd(capfd, "predict", model, *extra, "--data", assets["root"] / "unlabeled.jsonl", "--out", out)[0] == 0
+        assert matekd(capfd, "predict", model, *extra, "--data", assets["root"] / "unlabeled.jsonl",
+                      "--out", out)[0] == 0
         predicted[who] = _read_predictions(out)
     pairs = list(zip(predicted["student"], predicted["teacher"]))
     assert dev["clean"]["agreement"] == pytest.approx(sum(s["label"] == t["label"] for s, t in pairs) / 40)
-    kl = [sum(p * (math.log(p) - math.log(s["probabilities"][c])) for c, p in t["probabilities"].items()) for s, t in pairs]
+    kl = [sum(p * (math.log(p) - math.log(s["probabilities"][c])) for c, p in t["probabilities"].items())
+          for s, t in pairs]
     assert dev["clean"]["kl"] == pytest.approx(sum(kl) / 40, rel=1e-5)
     different = matekd_json(capfd, "eval", run, "--perturbed", "--seed", "1")["robustness"]["splits"]["dev"]
     assert different["changed_token_fraction"] != dev["changed_token_fraction"]

@@ -1,15 +1,28 @@
-"""benchmarks/bench_train.py end to end on a small real-text file: every series runs, the result
-lines come out in their documented order, length grouping removes padding, and a file it cannot
-read stops with one line. (Its timings are not checked: this machine is shared and noisy.)"""
+"""benchmarks/bench_train.py times what `matekd train` ships: its project side, built from a preset
+(a run config) by the run factory, gives exactly the losses `matekd train` logs on that preset,
+step for step. End to end on a small real-text file: every series runs, the result lines come out
+in their documented order, length grouping removes padding, and bad input stops with one line.
+(Its timings are not checked: this machine is shared and noisy.)"""
 
 from __future__ import annotations
 
 import random
 import re
+import signal
 import subprocess
 import sys
 
-from helpers import REPO, child_env
+import pytest
+import torch
+from helpers import REPO, child_env, load_benchmark_script
+from transformers import AutoModelForMaskedLM
+
+from matekd_ds import pipeline
+from matekd_ds.assembly import run_inputs
+from matekd_ds.callbacks import RunCallback
+from matekd_ds.config import load_config
+from matekd_ds.models import builtin_config
+from matekd_ds.trainer import seed_phase
 
 BENCH = REPO / "benchmarks" / "bench_train.py"
 CLASSES = ["DESC", "ENTY", "HUM"]
@@ -56,4 +69,72 @@ def test_unreadable_data_is_one_line_and_nonzero(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("bench_train: error:")
-    assert "unknown label" in result.stderr
+    assert "needs data.label_names" in result.stderr
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (REPO / "benchmarks" / "presets").glob("*.yaml")))
+def test_every_benchmark_preset_is_a_run_config(preset):
+    """What `matekd train --config benchmarks/presets/<preset>` reads: valid keys and values, and
+    builtin models whose shapes parse (built on the meta device: no memory)."""
+    cfg = load_config(REPO / "benchmarks" / "presets" / preset)
+    assert cfg.method == "matekd" and cfg.models.teacher_finetune_epochs == 0
+    for role in ("teacher", "student", "generator"):
+        spec = getattr(cfg.models, role)
+        with torch.device("meta"):
+            model = AutoModelForMaskedLM.from_config(builtin_config(spec, 100, 0))
+        assert model.get_input_embeddings().weight.shape[0] >= 100
+
+
+def test_a_preset_is_a_run_config_and_bad_overrides_are_one_line():
+    result = bench("train.no_such_key=1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "bench_train: error: unknown config key 'train.no_such_key' (valid keys here: " + \
+        result.stderr.strip().split("valid keys here: ", 1)[1]
+
+
+class StudentLosses(RunCallback):
+    """Every student-phase step's losses, as the trainer's loop saw them."""
+
+    def __init__(self):
+        self.steps: list[dict[str, float]] = []
+
+    def on_step_end(self, event) -> bool:
+        if event.phase == "student":
+            self.steps.append({k: float(v) for k, v in event.losses.items()})
+        return False
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """run_training installs the run's SIGTERM/SIGINT handlers in this process: put pytest's back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_the_benchmark_steps_exactly_what_matekd_train_trains(tmp_path, own_signal_handlers):
+    """The benchmark's project side (bench_train.project_side on a preset) stepped on the batches
+    and seeds the trainer draws gives the losses `matekd train` (pipeline.run_training on the
+    same preset) computes, bit for bit, over full generator and student cycles."""
+    bench_train = load_benchmark_script("bench_train.py")
+    steps = 2 * bench_train.cycle_length(bench_train.load_preset("cpu-tiny", []))
+    cfg = bench_train.load_preset("cpu-tiny", [
+        f"output.dir={tmp_path / 'run'}", f"train.max_steps={steps}", "data.synthetic.train_size=400",
+        "data.synthetic.dev_size=40", "eval.every_steps=0", "output.checkpoint_every=0", "logging.progress=false",
+        "logging.tensorboard=false"])
+    trained = StudentLosses()
+    pipeline.run_training(cfg, callbacks=[trained])
+    assert len(trained.steps) == steps
+
+    inputs = run_inputs(cfg)
+    side = bench_train.project_side(inputs)
+    batches = bench_train.run_batches(inputs, steps)
+    seed_phase(cfg.train.seed, "student", 0)  # as the trainer does when its phase starts
+    timed = []
+    for n, batch in enumerate(batches):
+        timed.append({k: float(v) for k, v in side.step(batch, n, bench_train.step_seed(cfg, n)).items()})
+    assert [side.trains(n) for n in range(steps)].count("generator") == 2
+    assert timed == trained.steps
+    assert all(torch.isfinite(torch.tensor(list(losses.values()))).all() for losses in timed)

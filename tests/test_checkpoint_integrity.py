@@ -30,7 +30,7 @@ def trained_with_checkpoints(tmp_path: Path, tokenizer_and_examples, stage: int 
     tokenizer, examples = tokenizer_and_examples
     # bf16: ZeRO-2 keeps its partitioned optimizer-state files at world size 1 (the single-rank
     # fast path runs fp32 ZeRO-1/2 as ZeRO-0, which has none)
-    method = tiny_matekd(stage, tokenizer, dtype="bf16")
+    method = tiny_matekd(stage, dtype="bf16")
     checkpointer = Checkpointer(tmp_path / "checkpoints", keep=2)
     batch = tiny_batch(tokenizer, examples)
     saved = {}
@@ -51,7 +51,8 @@ def test_a_verified_checkpoint_restores_the_engines(tmp_path, tokenizer_and_exam
     method, checkpointer, saved = trained_with_checkpoints(tmp_path, tokenizer_and_examples)
     assert checkpointer.latest_tag() == tag_of(2)
     manifest = json.loads((tmp_path / "checkpoints" / TRAINER / tag_of(2) / MANIFEST).read_text())
-    assert any(k.startswith("student/") for k in manifest["files"]) and any(k.startswith("generator/") for k in manifest["files"])
+    assert any(k.startswith("student/") for k in manifest["files"]) \
+        and any(k.startswith("generator/") for k in manifest["files"])
     assert checkpointer.verify(["student", "generator"], tag_of(2)) is None
     assert checkpointer.load(method.engines) == {"step": 2}
     assert_student_is(method, saved[2])
@@ -111,7 +112,7 @@ def test_no_verified_checkpoint_is_a_one_line_error(tmp_path, tokenizer_and_exam
 
 def test_a_phase_without_any_complete_checkpoint_starts_fresh(tmp_path, tokenizer_and_examples):
     tokenizer, _ = tokenizer_and_examples
-    method = tiny_matekd(0, tokenizer)
+    method = tiny_matekd(0)
     assert Checkpointer(tmp_path / "none", keep=2).load(method.engines) is None
 
 

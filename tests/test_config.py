@@ -24,7 +24,8 @@ def test_defaults_are_the_official_algorithm():
 def test_yaml_file_plus_dotted_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("task: sst2\ntrain:\n  lr: 3e-5\n  epochs: 2\nmatekd: {student_steps: 50}\n")
-    cfg = load_config(path, ["train.lr=1e-4", "method=kd", "data.max_train_examples=100", "models.student_init_from_teacher_layers=[0,5]"])
+    cfg = load_config(path, ["train.lr=1e-4", "method=kd", "data.max_train_examples=100",
+                             "models.student_init_from_teacher_layers=[0,5]"])
     assert cfg.task == "sst2" and cfg.method == "kd"
     assert cfg.train.lr == 1e-4 and cfg.train.epochs == 2.0 and cfg.matekd.student_steps == 50
     assert cfg.data.max_train_examples == 100
@@ -87,7 +88,8 @@ def test_ds_config_conflicts_are_errors(tmp_path):
         resolve_dtype("fp16", {"student": read_ds_config(str(path))})
     with pytest.raises(MatekdError, match="disagree on precision"):
         resolve_dtype("auto", {"student": read_ds_config(str(path)), "generator": read_ds_config("zero2")})
-    assert resolve_dtype("auto", {"student": read_ds_config("bf16-zero2"), "generator": read_ds_config("bf16-zero2")}) == "bf16"
+    assert resolve_dtype("auto", {"student": read_ds_config("bf16-zero2"),
+                                  "generator": read_ds_config("bf16-zero2")}) == "bf16"
     with pytest.raises(MatekdError, match="unknown DeepSpeed preset 'zero9'"):
         read_ds_config("zero9")
     path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
@@ -165,10 +167,13 @@ def test_inconsistent_combinations_are_one_line_errors(build, message):
 
 
 @pytest.mark.parametrize("zero, message", [
-    ({"stage": 2, "offload_param": {"device": "cpu"}}, "parameter offload (zero_optimization.offload_param) needs ZeRO stage 3"),
-    ({"stage": 0, "offload_optimizer": {"device": "cpu"}}, "optimizer offload (zero_optimization.offload_optimizer) needs ZeRO stage 1"),
+    ({"stage": 2, "offload_param": {"device": "cpu"}},
+     "parameter offload (zero_optimization.offload_param) needs ZeRO stage 3"),
+    ({"stage": 0, "offload_optimizer": {"device": "cpu"}},
+     "optimizer offload (zero_optimization.offload_optimizer) needs ZeRO stage 1"),
     ({"stage": 3, "offload_param": {"device": "nvme"}}, "offloads to nvme but no path is given"),
-    ({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}, "optimizer offload to NVMe needs ZeRO stage 3"),
+    ({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/x"}},
+     "optimizer offload to NVMe needs ZeRO stage 3"),
     ({"stage": 3, "offload_param": {"device": "gpu"}}, "device must be cpu or nvme"),
 ])
 def test_offload_blocks_must_fit_the_stage(tmp_path, zero, message):

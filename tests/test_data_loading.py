@@ -346,7 +346,7 @@ def test_load_table_missing_file(tmp_path: Path) -> None:
         load_table(tmp_path / "missing.csv", ["text"], "label")
 
 
-# --------------------------------------------------------------------------- JSON arrays, and the same rows in every format
+# --------------------------------------------------------------------------- JSON arrays, the same rows in all formats
 
 
 TREC_ROWS = [{"id": "q1", "question": 'What is "GLUE", really?', "label": "DESC"},
@@ -363,7 +363,8 @@ def write_all_formats(tmp_path: Path) -> dict[str, Path]:
         writer = csv.DictWriter(handle, fieldnames=["id", "question", "label"], quoting=csv.QUOTE_ALL)
         writer.writeheader()
         writer.writerows(TREC_ROWS)
-    write(tmp_path / "trec.tsv", ["id\tquestion\tlabel"] + [f"{r['id']}\t{r['question']}\t{r['label']}" for r in TREC_ROWS])
+    write(tmp_path / "trec.tsv",
+          ["id\tquestion\tlabel"] + [f"{r['id']}\t{r['question']}\t{r['label']}" for r in TREC_ROWS])
     write(tmp_path / "trec.jsonl", [json.dumps(r) for r in TREC_ROWS])
     (tmp_path / "trec.json").write_text(json.dumps(TREC_ROWS, indent=2), encoding="utf-8")
     return {suffix: tmp_path / f"trec.{suffix}" for suffix in ("csv", "tsv", "jsonl", "json")}
@@ -408,10 +409,12 @@ def test_source_reads_a_headerless_cola_file_and_a_cola_table_with_hub_names(tmp
     from matekd_ds.data.sources import read_source
 
     cola = get_task("cola")
-    write(tmp_path / "in_domain_dev.tsv", ["gj04\t1\t\tThe sailors rode the breeze.", "gj04\t0\t*\tThe more they get get."])
+    write(tmp_path / "in_domain_dev.tsv",
+          ["gj04\t1\t\tThe sailors rode the breeze.", "gj04\t0\t*\tThe more they get get."])
     write(tmp_path / "mine.tsv", ["sentence\tlabel", "Fine words.\tacceptable", "Words fine the.\t0"])
     (rows,) = read_source(str(tmp_path / "in_domain_dev.tsv"), cola, _choices("cola"), labeled=True)
-    assert rows.examples == [Example(("The sailors rode the breeze.",), 1, 0), Example(("The more they get get.",), 0, 1)]
+    assert rows.examples == [Example(("The sailors rode the breeze.",), 1, 0),
+                             Example(("The more they get get.",), 0, 1)]
     (rows,) = read_source(str(tmp_path / "mine.tsv"), cola, _choices("cola"), labeled=True)
     assert [e.label for e in rows.examples] == [1, 0]
 
@@ -430,7 +433,8 @@ def test_source_glue_folder_with_only_dev_files(tmp_path: Path) -> None:
 def test_source_mrpc_download_columns_and_row_ids(tmp_path: Path) -> None:
     from matekd_ds.data.sources import read_source
 
-    write(tmp_path / "test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String", '7\t1\t2\tA "quoted\tB.', "9\t3\t4\tC.\tD."])
+    write(tmp_path / "test.tsv",
+          ["index\t#1 ID\t#2 ID\t#1 String\t#2 String", '7\t1\t2\tA "quoted\tB.', "9\t3\t4\tC.\tD."])
     (rows,) = read_source(str(tmp_path / "test.tsv"), get_task("mrpc"), _choices("mrpc"), labeled=False)
     assert rows.ids == ["7", "9"]
     assert rows.examples[0].texts == ('A "quoted', "B.")
@@ -472,5 +476,6 @@ def test_source_hub_failure_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None
         raise ConnectionError("Couldn't reach 'imdb' on the Hub\nmore")
 
     fake_datasets(monkeypatch, load_dataset)
-    with pytest.raises(MatekdError, match=r"^could not load hub:imdb:test from the hub: Couldn't reach 'imdb' on the Hub$"):
+    with pytest.raises(MatekdError,
+                       match=r"^could not load hub:imdb:test from the hub: Couldn't reach 'imdb' on the Hub$"):
         read_source("hub:imdb:test", get_task("sst2"), _choices("sst2"), labeled=True)

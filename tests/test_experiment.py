@@ -12,10 +12,13 @@ import pytest
 import yaml
 from helpers import child_env, run_cli
 
-from matekd_ds import experiment
 from matekd_ds.config import config_from_dict, merge
 from matekd_ds.data.tasks import load_task_data
 from matekd_ds.errors import MatekdError
+from matekd_ds.experiment import runner as sweep_runner
+from matekd_ds.experiment.plan import plan
+from matekd_ds.experiment.report import report_rows, results_table, write_report
+from matekd_ds.experiment.spec import read_spec
 
 TINY = {
     "tasks": {"synthetic": {"data": {"synthetic": {"train_size": 160, "dev_size": 48}, "max_length": 24}}},
@@ -60,7 +63,7 @@ def _spec(tmp_path, **changes):
 def test_bad_specs_are_refused_before_anything_runs(tmp_path, changes, fragment):
     path = _spec(tmp_path, **changes)
     with pytest.raises(MatekdError, match=None) as err:
-        experiment.plan(experiment.read_spec(path))
+        plan(read_spec(path))
     assert fragment in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "sweep").exists()
 
@@ -77,13 +80,13 @@ def test_a_spec_extends_another_stating_only_what_changes(tmp_path):
         "base": {"train": {"lr": 5e-4}},  # mappings merge key by key
         "report_dir": str(tmp_path / "arm-report"),
     }))
-    spec = experiment.read_spec(arm)
+    spec = read_spec(arm)
     assert "extends" not in spec
     assert spec["methods"] == ["ft", "matekd-lw"]
     assert set(spec["method_overrides"]) == {"matekd-fast", "matekd-lw"}
     assert spec["base"]["train"] == {**TINY["base"]["train"], "lr": 5e-4}
-    assert spec["teacher"] == TINY["teacher"] and spec["output_dir"] == experiment.read_spec(base)["output_dir"]
-    lw = {r.name: r for r in experiment.plan(spec)}["matekd-lw-seed1"].config
+    assert spec["teacher"] == TINY["teacher"] and spec["output_dir"] == read_spec(base)["output_dir"]
+    lw = {r.name: r for r in plan(spec)}["matekd-lw-seed1"].config
     assert lw["matekd"]["loss_weights"] == [0.25, 0.25, 0.5] and lw["train"]["lr"] == 5e-4
 
 
@@ -97,12 +100,12 @@ def test_bad_extends_is_refused(tmp_path, extends, fragment):
     arm = tmp_path / "arm.yaml"
     arm.write_text(yaml.safe_dump({"extends": extends, "seeds": [1]}))
     with pytest.raises(MatekdError) as err:
-        experiment.read_spec(arm)
+        read_spec(arm)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
 def test_plan_prepares_first_then_goes_seed_by_seed(tmp_path):
-    runs = experiment.plan(experiment.read_spec(_spec(tmp_path)))
+    runs = plan(read_spec(_spec(tmp_path)))
     assert [r.name for r in runs[:2]] == ["teacher", "generator"]
     students = runs[2:]
     assert [r.seed for r in students] == [1, 1, 2, 2]
@@ -139,7 +142,7 @@ def test_a_null_limit_in_an_override_clears_the_base_limit():
 
 
 def test_plan_with_transfer_sizes_prepares_once_then_students_per_size(tmp_path):
-    runs = experiment.plan(experiment.read_spec(_spec(tmp_path, **TRANSFER)))
+    runs = plan(read_spec(_spec(tmp_path, **TRANSFER)))
     task_dir = tmp_path / "sweep" / "synthetic"
     assert [r.label for r in runs] == [
         "synthetic/teacher", "synthetic/generator",
@@ -161,16 +164,17 @@ def test_plan_with_transfer_sizes_prepares_once_then_students_per_size(tmp_path)
         assert run.config["task"] == "synthetic" and run.report_task == f"synthetic@{run.size}"
         assert run.config["models"]["teacher"] == str(task_dir / "teacher" / "student_best")
         assert run.config["output"]["dir"] == str(run.run_dir)
-    assert by_label["synthetic/n64/matekd-fast-seed2"].config["models"]["generator"] == str(task_dir / "generator" / "generator_warm")
+    assert by_label["synthetic/n64/matekd-fast-seed2"].config["models"]["generator"] \
+        == str(task_dir / "generator" / "generator_warm")
     assert by_label["synthetic/n32/ft-seed1"].needs == ["teacher"]
     assert by_label["synthetic/n64/matekd-fast-seed1"].needs == ["teacher", "generator"]
-    assert experiment.report_rows(runs) == {"synthetic": ["synthetic@32", "synthetic@64"]}
+    assert report_rows(runs) == {"synthetic": ["synthetic@32", "synthetic@64"]}
 
 
 def test_a_task_key_names_the_directory_and_its_overrides_the_config_task(tmp_path):
     tasks = {"mine": {"task": "custom", "data": {"train_file": "train.tsv", "dev_file": "dev.tsv",
                                                  "text_columns": ["sentence"], "label_names": ["a", "b"]}}}
-    runs = experiment.plan(experiment.read_spec(_spec(tmp_path, tasks=tasks, methods=["ft"], seeds=[1])))
+    runs = plan(read_spec(_spec(tmp_path, tasks=tasks, methods=["ft"], seeds=[1])))
     assert [r.label for r in runs] == ["mine/teacher", "mine/ft-seed1"]
     assert all(r.config["task"] == "custom" for r in runs)
     assert runs[1].run_dir == tmp_path / "sweep" / "mine" / "ft-seed1"
@@ -190,11 +194,11 @@ def _fake_metrics(run, best, train_seconds=60.0):
 
 
 def test_the_report_has_a_row_per_task_and_transfer_size(tmp_path):
-    spec = experiment.read_spec(_spec(tmp_path, **TRANSFER, report_dir=str(tmp_path / "report")))
-    runs = experiment.plan(spec)
+    spec = read_spec(_spec(tmp_path, **TRANSFER, report_dir=str(tmp_path / "report")))
+    runs = plan(spec)
     for run in runs:
         _fake_metrics(run, best=50.0 + (run.size or 0) / 2 + (run.seed or 0), train_seconds=float(run.size or 0))
-    out = experiment.write_report(spec, runs)
+    out = write_report(spec, runs)
     raw = json.loads((out / "results.json").read_text())
     assert list(raw) == ["synthetic@32", "synthetic@64"]
     assert raw["synthetic@32"] == {"ft": pytest.approx([67.0, 68.0]), "matekd-fast": pytest.approx([67.0, 68.0])}
@@ -240,7 +244,8 @@ def test_a_tiny_sweep_runs_resumes_and_reports(tmp_path):
 
 def test_failed_prerequisite_skips_its_dependents_and_exits_nonzero(tmp_path):
     path = _spec(tmp_path, methods=["ft"], seeds=[1],
-                 teacher={"model": "builtin:tiny-teacher", "finetune": {"deepspeed": {"student": str(tmp_path / "no.json")}}})
+                 teacher={"model": "builtin:tiny-teacher",
+                          "finetune": {"deepspeed": {"student": str(tmp_path / "no.json")}}})
     result = run_cli(["experiment", str(path)], cwd=tmp_path, timeout=300)
     assert result.returncode == 1
     assert "synthetic/teacher (exit 2: matekd: error: DeepSpeed config not found" in result.stderr
@@ -250,7 +255,7 @@ def test_failed_prerequisite_skips_its_dependents_and_exits_nonzero(tmp_path):
 def test_report_statistics():
     tasks = {"t": {"metric": "accuracy", "teacher": 90.0, "methods": {
         "ft": {"best": [80.0, 82.0, 84.0]}, "kd": {"best": [85.0]}}, "wall_seconds": 1.0}}
-    table = experiment.results_table(tasks, ["ft", "kd", "matekd"])
+    table = results_table(tasks, ["ft", "kd", "matekd"])
     assert "| ft | 82.00 ± 2.00 (n=3) | 82.00 |" in table
     assert "| kd | 85.00 ± 0.00 (n=1) | 85.00 |" in table
     assert "| matekd | – | – |" in table
@@ -309,6 +314,6 @@ def test_a_stop_signal_stops_the_running_job_cleanly_and_the_sweep_resumes(tmp_p
     metrics = json.loads((tmp_path / "sweep" / "synthetic" / "ft-seed1" / "metrics.json").read_text())
     assert metrics["status"] == "interrupted", metrics
     assert "Traceback" not in student_log.read_text()
-    plan = {r.name: r for r in experiment.plan(experiment.read_spec(path))}
-    assert plan["teacher"].completed() and not plan["ft-seed1"].completed()
-    assert "--resume" in experiment._command(plan["ft-seed1"], path, None)  # a rerun continues it
+    planned = {r.name: r for r in plan(read_spec(path))}
+    assert planned["teacher"].completed() and not planned["ft-seed1"].completed()
+    assert "--resume" in sweep_runner._command(planned["ft-seed1"], path, None)  # a rerun continues it

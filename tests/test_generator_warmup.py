@@ -3,14 +3,13 @@
 import json
 
 import torch
-from helpers import ds_config, run_cli, tiny_tokenizer
+from helpers import run_cli, tiny_run_config, tiny_tokenizer
 from transformers import BertConfig, BertModel
 
-from matekd_ds import distributed, models
+from matekd_ds import models
+from matekd_ds.assembly import build_generator_warmup, run_engines, run_inputs
 from matekd_ds.data.batching import collate, encode
-from matekd_ds.engines import EngineSpec, build_engine
-from matekd_ds.methods.mlm import MlmWarmup, mlm_evaluate
-from matekd_ds.perturb import Perturber
+from matekd_ds.methods.mlm import mlm_evaluate
 
 
 def _encoder_checkpoint(path, tokenizer):
@@ -39,16 +38,18 @@ def test_encoder_checkpoint_gets_an_mlm_head_tied_to_its_embeddings(tmp_path):
 
 def test_mlm_warmup_teaches_the_generator_the_task_text(tmp_path):
     tokenizer, examples = tiny_tokenizer()
-    distributed.init()
-    generator = models.load_generator(str(_encoder_checkpoint(tmp_path / "encoder", tokenizer)), tokenizer)
-    engine = build_engine(generator, EngineSpec("generator", ds_config(2, micro_batch=16), 3e-3, 0.0, 60))
-    perturber = Perturber(tokenizer.all_special_ids, tokenizer.mask_token_id, 0.3, 1.0)
+    encoder = _encoder_checkpoint(tmp_path / "encoder", tokenizer)
+    inputs = run_inputs(tiny_run_config(f"models.generator={encoder}", "deepspeed.generator=zero2",
+                                        "train.micro_batch_size=16", "matekd.generator_mlm_warmup_steps=60",
+                                        "matekd.generator_mlm_warmup_lr=3e-3", "matekd.generator_mlm_warmup_ratio=0",
+                                        "matekd.generator_mlm_warmup_weight_decay=0"))
+    method = build_generator_warmup(inputs, run_engines(inputs), inputs.models.generator)
+    engine, perturber = method.engines["generator"], method.perturber
     train = encode(examples[:200], tokenizer, 32, regression=False)
     dev = encode(examples[200:260], tokenizer, 32, regression=False)
     before = mlm_evaluate(engine.module, perturber, dev, 32, tokenizer.pad_token_id, torch.device("cpu"))
     again = mlm_evaluate(engine.module, perturber, dev, 32, tokenizer.pad_token_id, torch.device("cpu"))
     assert before == again  # fixed masks: comparable across the warm-up
-    method = MlmWarmup(engine, perturber)
     for step in range(60):
         batch = collate(train, [(step * 16 + i) % len(train) for i in range(16)], tokenizer.pad_token_id)
         method.train_step([batch], step, [step])
@@ -63,7 +64,8 @@ def test_warmup_generator_command_exports_a_generator_that_matekd_loads(tmp_path
             "models.teacher_finetune_epochs=0", "logging.progress=false", "train.micro_batch_size=16"]
     warm_dir = tmp_path / "warm"
     result = run_cli(["warmup-generator", *base, "matekd.generator_mlm_warmup_steps=12",
-                      "matekd.generator_mlm_warmup_lr=0.003", "eval.every_steps=6", f"output.dir={warm_dir}"], cwd=tmp_path)
+                      "matekd.generator_mlm_warmup_lr=0.003", "eval.every_steps=6", f"output.dir={warm_dir}"],
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generator warmed up" in result.stdout
     metrics = json.loads((warm_dir / "metrics.json").read_text())

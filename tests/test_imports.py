@@ -8,9 +8,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import matekd_ds
-
 from helpers import child_env
+
+import matekd_ds
 
 PACKAGE = Path(matekd_ds.__file__).resolve().parent
 NOT_IMPORTABLE = {"matekd_ds.__main__"}  # runs the CLI when imported, by design

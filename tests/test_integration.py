@@ -76,7 +76,8 @@ def test_two_rank_evaluation_equals_one_rank(matekd_run, tmp_path):
     results = {}
     for ranks in (1, 2):
         out = tmp_path / f"eval{ranks}.json"
-        result = run_cli(["eval", str(matekd_run), "--max-examples", "63", "--output", str(out)], cwd=tmp_path, ranks=ranks)
+        result = run_cli(["eval", str(matekd_run), "--max-examples", "63", "--output", str(out)],
+                         cwd=tmp_path, ranks=ranks)
         assert result.returncode == 0, result.stderr[-3000:]
         results[ranks] = json.loads(out.read_text())
     assert results[1]["examples"] == results[2]["examples"] == {"dev": 63}

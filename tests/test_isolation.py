@@ -16,7 +16,7 @@ def tokenizer_and_examples():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_generator_step_leaves_student_untouched(stage, tokenizer_and_examples):
     tokenizer, examples = tokenizer_and_examples
-    method = tiny_matekd(stage, tokenizer)
+    method = tiny_matekd(stage)
     batch = tiny_batch(tokenizer, examples)
     method.student_micro_step(batch, seed=1)  # the student has optimizer state and a schedule now
     before_student = snapshot_engine(method.student)
@@ -35,7 +35,7 @@ def test_generator_step_leaves_student_untouched(stage, tokenizer_and_examples):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_student_step_leaves_generator_untouched(stage, tokenizer_and_examples):
     tokenizer, examples = tokenizer_and_examples
-    method = tiny_matekd(stage, tokenizer)
+    method = tiny_matekd(stage)
     batch = tiny_batch(tokenizer, examples)
     method.generator_micro_step(batch, seed=3)
     before_generator = snapshot_engine(method.generator)
@@ -52,7 +52,7 @@ def test_student_step_leaves_generator_untouched(stage, tokenizer_and_examples):
 @pytest.mark.parametrize("stage", [0, 3])
 def test_teacher_is_frozen_and_in_eval_mode(stage, tokenizer_and_examples):
     tokenizer, examples = tokenizer_and_examples
-    method = tiny_matekd(stage, tokenizer)
+    method = tiny_matekd(stage)
     before = param_tensors(method.teacher.module)
     batch = tiny_batch(tokenizer, examples)
     method.generator_micro_step(batch, seed=5)

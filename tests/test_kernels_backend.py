@@ -8,12 +8,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from matekd_ds.kernels import backend_info  # noqa: E402
-from matekd_ds.kernels import launch as launch_mod  # noqa: E402
-from matekd_ds.kernels.dispatch import (  # noqa: E402
-    HAS_TRITON, NOISE_STREAM, TRITON_REQUIREMENT, triton, triton_version_supported,
+from matekd_ds.kernels import backend_info
+from matekd_ds.kernels import launch as launch_mod
+from matekd_ds.kernels.dispatch import (
+    HAS_TRITON,
+    NOISE_STREAM,
+    TRITON_REQUIREMENT,
+    triton,
+    triton_version_supported,
 )
 
 

@@ -13,11 +13,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import pytest
+import torch.nn.functional as F
 
-from matekd_ds.kernels import kl_div, soft_cross_entropy  # noqa: E402
-from matekd_ds.kernels import launch as launch_mod  # noqa: E402
+from matekd_ds.kernels import kl_div, soft_cross_entropy
+from matekd_ds.kernels import launch as launch_mod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LOSSES = {"ce": soft_cross_entropy, "kl": kl_div}

@@ -12,29 +12,72 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
+import math
+import subprocess
+import sys
 
-import pytest  # noqa: E402
-from scipy import stats  # noqa: E402
+import pytest
+from scipy import stats
 
-from matekd_ds.kernels import gumbel as gumbel_mod  # noqa: E402
-from matekd_ds.kernels import gumbel_softmax_sample, resolve_backend, rng  # noqa: E402
-from matekd_ds.kernels import launch as launch_mod  # noqa: E402
-from matekd_ds.kernels.dispatch import jit, tl  # noqa: E402
-from matekd_ds.kernels.gumbel import (  # noqa: E402
+from matekd_ds.kernels import gumbel as gumbel_mod
+from matekd_ds.kernels import gumbel_softmax_sample, resolve_backend, rng
+from matekd_ds.kernels import launch as launch_mod
+from matekd_ds.kernels.dispatch import is_interpreted, jit, tl
+from matekd_ds.kernels.gumbel import (
+    _LN2,
     _gumbel_softmax_triton,
     _gumbel_softmax_with_noise,
+    _in_quarter,
+    _layout,
+    _normalize_seed,
+    _pick,
     _torch_gumbel_noise,
-    _triton_gumbel_noise,
 )
+from matekd_ds.kernels.launch import launch
+from matekd_ds.kernels.rng import STREAM_GUMBEL, gumbel_log2e, open_uniform, philox4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIXED_LOGITS = [0.5, -1.0, 2.0, 0.0, 1.0, -0.5, 0.3]
 # fp32 compares tightly; half types only after both paths rounded their fp32 result once.
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+# The in-kernel noise, materialised for the tests (the production kernels never write it out).
+
+
+@jit(do_not_specialize=["seed"])
+def gumbel_noise_kernel(OUT, stride_out, n_rows, seed, V, QUARTER,
+                         FAST_MATH: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr):
+    """The noise G the production kernels draw in-kernel, materialised (natural units): the same
+    Philox stream and layout, so the torch reference can be fed the same G. ROWS rows per program,
+    so the interpreter can draw many short rows quickly."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live_rows = rows[:, None] < n_rows
+    out_rows = OUT + rows[:, None] * stride_out
+    for start in range(0, QUARTER, TILE):
+        idx = (start + tl.arange(0, TILE))[None, :] + tl.zeros((ROWS, TILE), dtype=tl.int32)
+        r0, r1, r2, r3 = philox4(seed, idx, rows[:, None], STREAM_GUMBEL)
+        for q in tl.static_range(4):
+            g = gumbel_log2e(open_uniform(_pick(q, r0, r1, r2, r3)), FAST_MATH) * _LN2
+            tl.store(out_rows + idx + q * QUARTER, g, mask=live_rows & _in_quarter(idx, q, QUARTER, V))
+
+
+def triton_gumbel_noise(shape, seed, device) -> torch.Tensor:
+    """The exact fp32 noise the Triton kernels draw for ``seed``."""
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    rows = out.view(-1, shape[-1])
+    n_rows, n_cols = rows.shape
+    if n_rows:
+        layout = _layout(n_cols)
+        rows_per_program = 64 if layout["TILE"] <= 64 else 1  # many short rows: one program, many rows
+        launch(
+            gumbel_noise_kernel, (-(-n_rows // rows_per_program),),
+            rows, rows.stride(0), n_rows, _normalize_seed(seed), n_cols, layout["QUARTER"],
+            FAST_MATH=not is_interpreted(gumbel_noise_kernel), ROWS=rows_per_program, TILE=layout["TILE"],
+            num_warps=layout["num_warps"],
+        )
+    return out
 
 
 def _logits(rows, vocab, dtype=torch.float32, scale=2.0, seed=0):
@@ -63,8 +106,11 @@ def _compare_on_noise(logits, tau, hard, noise=None, seed=0):
     """Triton (explicit noise, or in-kernel RNG when noise is None) vs the reference on the same G."""
     grad_y = torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, logits.dtype)
     if noise is None:
-        ref_noise = _triton_gumbel_noise(logits.shape, seed, DEVICE)
-        sample = lambda x: gumbel_softmax_sample(x, tau, hard, seed=seed, backend="triton")  # noqa: E731
+        ref_noise = triton_gumbel_noise(logits.shape, seed, DEVICE)
+
+        def sample(x):
+            return gumbel_softmax_sample(x, tau, hard, seed=seed, backend="triton")
+
         out = _sample_and_grad(sample, logits, grad_y)
     else:
         ref_noise = noise
@@ -267,7 +313,7 @@ def test_triton_samples_follow_softmax():
     logits = torch.tensor(FIXED_LOGITS, device=DEVICE).repeat(n, 1)
     # The noise of (row, column) depends on (seed, row, column, V) only, so the noise of the
     # [20000, 7] problem (drawn 64 rows per program) is also the noise of any prefix of its rows.
-    noise = _triton_gumbel_noise((n, vocab), seed, DEVICE)
+    noise = triton_gumbel_noise((n, vocab), seed, DEVICE)
     assert stats.kstest(noise.flatten()[:50000].cpu().numpy(), "gumbel_r").pvalue > 1e-3
     # The sampling kernel must pick argmax(logits + that noise); on CPU check a prefix of rows
     # (each row is one slow interpreter program), on GPU all of them.
@@ -279,18 +325,18 @@ def test_triton_samples_follow_softmax():
 
 
 def test_noise_depends_on_position_not_on_blocks(monkeypatch):
-    reference = _triton_gumbel_noise((5, 300), 17, DEVICE)
+    reference = triton_gumbel_noise((5, 300), 17, DEVICE)
     monkeypatch.setattr(launch_mod, "MAX_BLOCK", 16)  # 4-wide sub-tiles instead of 128-wide
-    assert torch.equal(_triton_gumbel_noise((5, 300), 17, DEVICE), reference)
-    assert torch.equal(_triton_gumbel_noise((2, 300), 17, DEVICE), reference[:2])
-    assert not torch.equal(_triton_gumbel_noise((5, 300), 18, DEVICE), reference)
+    assert torch.equal(triton_gumbel_noise((5, 300), 17, DEVICE), reference)
+    assert torch.equal(triton_gumbel_noise((2, 300), 17, DEVICE), reference[:2])
+    assert not torch.equal(triton_gumbel_noise((5, 300), 18, DEVICE), reference)
     assert not torch.equal(reference[0], reference[1])  # rows draw different counters
 
 
 def test_noise_tails():
     # The largest of V Gumbels sits near ln V (~11 for a vocabulary): P(G > t) = 1 - exp(-exp(-t))
     # must hold far out, and the uniforms' 23-bit grid must not clip the tails early.
-    noise = _triton_gumbel_noise((64, 16384), 99, DEVICE).double().flatten()
+    noise = triton_gumbel_noise((64, 16384), 99, DEVICE).double().flatten()
     n = noise.numel()
     for t in (4.0, 8.0, 10.0, -1.5, -2.0):
         p = 1 - math.exp(-math.exp(-t)) if t > 0 else math.exp(-math.exp(-t))

@@ -14,14 +14,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from scipy import stats  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import pytest
+from scipy import stats
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from matekd_ds.kernels import gumbel as gumbel_mod  # noqa: E402
-from matekd_ds.kernels import gumbel_sample_ids, gumbel_softmax_sample  # noqa: E402
-from matekd_ds.kernels import launch as launch_mod  # noqa: E402
-from matekd_ds.kernels.sample_ids import _sample_ids_triton  # noqa: E402
+from matekd_ds.kernels import gumbel as gumbel_mod
+from matekd_ds.kernels import gumbel_sample_ids, gumbel_softmax_sample
+from matekd_ds.kernels import launch as launch_mod
+from matekd_ds.kernels.sample_ids import _sample_ids_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIXED_LOGITS = [0.5, -1.0, 2.0, 0.0, 1.0, -0.5, 0.3]

@@ -40,8 +40,9 @@ def test_torchrun_node_of_several():
 
 
 def test_slurm_resolves_the_first_node_and_gpus_per_node():
-    cmd = dry_run("slurm.sbatch", {"GPUS_PER_NODE": "4", "SLURM_NNODES": "3", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "",
-                                   "MASTER_ADDR": "login-1", "MASTER_PORT": "29500", "MATEKD_PYTHON": "/venv/bin/python"})
+    cmd = dry_run("slurm.sbatch", {"GPUS_PER_NODE": "4", "SLURM_NNODES": "3", "SLURM_JOB_ID": "77",
+                                   "SLURM_JOB_NODELIST": "", "MASTER_ADDR": "login-1", "MASTER_PORT": "29500",
+                                   "MATEKD_PYTHON": "/venv/bin/python"})
     assert cmd[:6] == ["srun", "--nodes", "3", "--ntasks-per-node", "1", "--kill-on-bad-exit=1"]
     assert cmd[6:] == ["/venv/bin/python", "-m", "torch.distributed.run", "--nnodes", "3", "--nproc_per_node", "4",
                        "--rdzv_backend", "c10d", "--rdzv_endpoint", "login-1:29500", "--rdzv_id", "77",

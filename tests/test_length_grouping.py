@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import tiny_models, tiny_tokenizer
 
+from matekd_ds.callbacks import Callbacks
 from matekd_ds.config import load_config
 from matekd_ds.data.batching import Encoded, TrainStream, collate, encode
 from matekd_ds.evaluation import predict
@@ -112,7 +113,7 @@ def test_run_config_reaches_the_trainers_stream():
     for flag in (False, True):
         cfg = load_config(overrides=[f"data.group_by_length={str(flag).lower()}"])
         loop = LoopConfig.of_run(cfg, "student", total_steps=1, dtype="fp32")
-        trainer = Trainer(None, data, 0, torch.device("cpu"), loop, None, None, None)
+        trainer = Trainer(None, data, 0, torch.device("cpu"), loop, None, None, None, Callbacks())
         assert (trainer.stream.lengths is not None) == flag
         if flag:
             assert trainer.stream.lengths.tolist() == [len(ids) for ids in data.input_ids]

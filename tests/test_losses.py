@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_batch, tiny_matekd, tiny_tokenizer
 
-from matekd_ds.losses import divergence, task_loss
 from matekd_ds.data.batching import doubled
-from matekd_ds.methods.matekd import count_student_steps, cycle_phase, steps_holding_student_steps
+from matekd_ds.losses import divergence, task_loss
+from matekd_ds.methods.matekd import count_student_steps, cycle_role, steps_holding_student_steps
 
 
 def test_divergence_is_the_official_soft_cross_entropy():
@@ -31,7 +31,7 @@ def test_task_loss():
 @pytest.mark.parametrize("weights", [(1 / 3, 1 / 3, 1 / 3), (1.0, 0.0, 0.0), (0.2, 0.5, 0.3)])
 def test_student_step_loss_is_the_weighted_sum(weights):
     tokenizer, examples = tiny_tokenizer()
-    method = tiny_matekd(0, tokenizer, weights=weights)
+    method = tiny_matekd(0, weights=weights)
     for module in (method.student.module, method.generator.module):
         module.eval()  # no dropout, so the loss can be recomputed independently
     batch = tiny_batch(tokenizer, examples)
@@ -41,7 +41,10 @@ def test_student_step_loss_is_the_weighted_sum(weights):
         both = doubled(batch, perturbed)
         s_clean, s_pert = method.student.module(**both).logits.chunk(2)
         t_clean, t_pert = method.teacher.module(**both).logits.chunk(2)
-    soft_ce = lambda s, t: -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean()  # noqa: E731
+
+    def soft_ce(s, t):
+        return -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean()
+
     expected = (weights[0] * F.cross_entropy(s_clean, batch["labels"])
                 + weights[1] * soft_ce(s_clean, t_clean) + weights[2] * soft_ce(s_pert, t_pert))
     out = method.student_micro_step(batch, seed=9)
@@ -50,23 +53,23 @@ def test_student_step_loss_is_the_weighted_sum(weights):
 
 def test_generator_step_maximises_the_divergence():
     tokenizer, examples = tiny_tokenizer()
-    method = tiny_matekd(0, tokenizer, generator_lr=0.0)  # lr 0: the step reports, changes nothing
+    method = tiny_matekd(0, generator_lr=0.0)  # lr 0: the step reports, changes nothing
     batch = tiny_batch(tokenizer, examples)
     out = method.generator_micro_step(batch, seed=3)
     assert out["gen_div"].item() > 0 and out["masked_tokens"].item() >= 1
 
 
-def test_cycle_phase_follows_n_g_then_n_s():
-    phases = [cycle_phase(step, 2, 3) for step in range(10)]
+def test_cycle_role_follows_n_g_then_n_s():
+    phases = [cycle_role(step, 2, 3) for step in range(10)]
     assert phases == ["generator"] * 2 + ["student"] * 3 + ["generator"] * 2 + ["student"] * 3
-    assert all(cycle_phase(s, 0, 5) == "student" for s in range(10))
-    assert [cycle_phase(s, 10, 100) for s in (0, 9, 10, 109, 110)] == \
+    assert all(cycle_role(s, 0, 5) == "student" for s in range(10))
+    assert [cycle_role(s, 10, 100) for s in (0, 9, 10, 109, 110)] == \
         ["generator", "generator", "student", "student", "generator"]
 
 
 def test_count_student_steps():
     for total in range(0, 40):
-        assert count_student_steps(total, 3, 5) == sum(cycle_phase(s, 3, 5) == "student" for s in range(total))
+        assert count_student_steps(total, 3, 5) == sum(cycle_role(s, 3, 5) == "student" for s in range(total))
 
 
 def test_steps_holding_student_steps_is_the_fewest_that_do():
@@ -83,7 +86,7 @@ def test_cached_clean_teacher_logits_give_the_same_student_step():
     tokenizer, examples = tiny_tokenizer()
     losses = {}
     for cached in (False, True):
-        method = tiny_matekd(0, tokenizer)
+        method = tiny_matekd(0)
         method.student.module.eval()
         method.generator.module.eval()
         batch = tiny_batch(tokenizer, examples, n=6)

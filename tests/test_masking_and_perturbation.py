@@ -1,12 +1,12 @@
 """Masking, the straight-through Gumbel perturbation and the soft input embeddings."""
 
 import torch
-from helpers import tiny_batch, tiny_tokenizer
+from helpers import soft_inputs_embeds, tiny_batch, tiny_tokenizer
 
 from matekd_ds.kernels import gumbel_softmax_sample
 from matekd_ds.masking import apply_mask, choose_mask
 from matekd_ds.models import load_classifier, load_generator
-from matekd_ds.perturb import Perturber, soft_inputs_embeds
+from matekd_ds.perturb import Perturber
 
 SPECIAL = [0, 1, 2]  # pad, cls, sep in these synthetic batches
 PAD = 0

@@ -211,7 +211,8 @@ def test_binary_f1_on_a_multiclass_custom_task_is_refused() -> None:
             "train_file": "t.jsonl", "dev_file": "d.jsonl", "label_names": names, "metrics": metrics,
             "main_metric": metrics[0]}}))
 
-    with pytest.raises(MatekdError, match="f1 is the F1 of class 1 of a binary task; this task has 6 classes: use f1_macro"):
+    with pytest.raises(MatekdError,
+                       match="f1 is the F1 of class 1 of a binary task; this task has 6 classes: use f1_macro"):
         spec(["f1"], list("abcdef"))
     assert spec(["f1_macro"], list("abcdef")).metrics == ("f1_macro",)
     assert spec(["f1"], ["no", "yes"]).metrics == ("f1",)  # binary: F1 of class 1, as GLUE's

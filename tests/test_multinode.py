@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from helpers import child_env, run_cli
-from test_scale import _kd_args, _losses, nodrop_models  # noqa: F401 - the fixture, shared
+from test_scale import _kd_args, _losses, nodrop_models  # noqa: F401 - nodrop_models: a pytest fixture, shared
 
 from matekd_ds import distributed
 
@@ -23,8 +23,9 @@ def two_nodes(args_per_node: list[list[str]], cwd: Path, env: dict | None = None
     port = distributed._free_port()
     torchrun = str(Path(sys.executable).parent / "torchrun")
     procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(node),
-                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rehearsal",
-                               "-m", "matekd_ds", *args], cwd=cwd, env=child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               "--rdzv-id", "rehearsal", "-m", "matekd_ds", *args],
+                              cwd=cwd, env=child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
                               stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
              for node, args in enumerate(args_per_node)]
@@ -35,7 +36,7 @@ def two_nodes(args_per_node: list[list[str]], cwd: Path, env: dict | None = None
     return results
 
 
-def test_two_nodes_match_one_node_and_resume_after_a_crash(nodrop_models, tmp_path):  # noqa: F811
+def test_two_nodes_match_one_node_and_resume_after_a_crash(nodrop_models, tmp_path):  # noqa: F811 - imported fixture
     one_node = tmp_path / "one_node"
     assert run_cli(_kd_args(nodrop_models, one_node, 8, ZERO2), cwd=tmp_path, ranks=2).returncode == 0
     shared = tmp_path / "shared"
@@ -52,7 +53,7 @@ def test_two_nodes_match_one_node_and_resume_after_a_crash(nodrop_models, tmp_pa
         assert abs(rehearsal[step] - loss) <= 5e-5, (step, loss, rehearsal[step])
 
 
-def test_nodes_without_a_shared_run_directory_are_refused(nodrop_models, tmp_path):  # noqa: F811
+def test_nodes_without_a_shared_run_directory_are_refused(nodrop_models, tmp_path):  # noqa: F811 - imported fixture
     per_node = [_kd_args(nodrop_models, tmp_path / f"node{node}", 8, ZERO2) for node in (0, 1)]
     results = two_nodes(per_node, tmp_path)
     for result in results:  # torchrun reports a failed child with its own summary and exit 1

@@ -53,8 +53,9 @@ def nodrop_models(tmp_path_factory) -> dict[str, Path]:
 
 def _kd_args(models: dict[str, Path], out: Path, micro_batch: int, extra: list[str]) -> list[str]:
     return ["train", "task=synthetic", "data.synthetic.train_size=192", "data.synthetic.dev_size=40",
-            "data.max_length=32", "method=kd", f"models.teacher={models['teacher']}", "models.teacher_finetune_epochs=0",
-            f"models.student={models['student']}", "train.dtype=fp32", f"train.max_steps={STEPS}",
+            "data.max_length=32", "method=kd", f"models.teacher={models['teacher']}",
+            "models.teacher_finetune_epochs=0", f"models.student={models['student']}", "train.dtype=fp32",
+            f"train.max_steps={STEPS}",
             f"train.micro_batch_size={micro_batch}", "train.lr=1e-3", "eval.every_steps=0", "eval.batch_size=16",
             "output.checkpoint_every=3", "logging.log_every=1", "logging.progress=false",
             "logging.tensorboard=false", f"output.dir={out}", *extra]
@@ -101,7 +102,8 @@ def test_two_rank_losses_match_one_rank_at_every_zero_stage(runs):
         losses = _losses(runs[stage])  # zero3: steps 1-4 before the crash (4 again after it), 4-6 resumed
         diffs = [abs(losses[s] - reference[s]) for s in reference]
         print(f"[scale] 2-rank {stage} vs 1-rank, student/loss per step: max |diff| {max(diffs):.2e} "
-              f"({', '.join(f'{losses[s]:.6f}' for s in reference)} vs {', '.join(f'{reference[s]:.6f}' for s in reference)})")
+              f"({', '.join(f'{losses[s]:.6f}' for s in reference)} "
+              f"vs {', '.join(f'{reference[s]:.6f}' for s in reference)})")
         assert max(diffs) <= LOSS_ATOL, (stage, losses, reference)
         m = _metrics(runs[stage])
         assert m["status"] == "completed" and m["world_size"] == 2
@@ -120,7 +122,8 @@ def test_zero3_teacher_is_partitioned_and_recorded(runs):
     assert t["param_bytes_full"] == full
     assert ratio <= TEACHER_BYTES_RATIO
     student = zero3["memory"]["student"]
-    assert student["partitioned"] and student["param_bytes_rank_max"] <= TEACHER_BYTES_RATIO * student["param_bytes_full"]
+    assert student["partitioned"] \
+        and student["param_bytes_rank_max"] <= TEACHER_BYTES_RATIO * student["param_bytes_full"]
     # the ZeRO-3 teacher scores like the whole one (evaluated on 2 ranks, every rank in step)
     assert zero3["teacher"]["dev"]["dev"] == pytest.approx(one["teacher"]["dev"]["dev"])
     assert zero3["teacher"]["params"] == one["teacher"]["params"]

@@ -34,14 +34,16 @@ def test_an_arm_names_its_own_methods_and_finds_agreement_under_runs(tmp_path, t
     (runs / "a" / "n100").mkdir(parents=True)
     (runs / "a" / "n100" / "agreement.json").write_text(json.dumps({"runs": {
         "kd-e10-seed1": {"acc": 0.7, "acc_perturbed": 0.61, "agree_perturbed": 0.8, "acc_perturbed_kept": 0.7},
-        "kd-e10-seed2": {"acc": 0.7, "acc_perturbed": 0.63, "agree_perturbed": 0.9},  # measured before acc_perturbed_kept
-        "matekd-e10-seed1": {"acc": 0.71, "acc_perturbed": 0.60, "agree_perturbed": 0.9, "acc_perturbed_kept": 0.75}}}))
+        # measured before acc_perturbed_kept
+        "kd-e10-seed2": {"acc": 0.7, "acc_perturbed": 0.63, "agree_perturbed": 0.9},
+        "matekd-e10-seed1": {"acc": 0.71, "acc_perturbed": 0.60, "agree_perturbed": 0.9,
+                             "acc_perturbed_kept": 0.75}}}))
     assert transfer_table.gaps(arm) == ""  # no ft/kd/matekd in this arm
     assert transfer_table.gaps(arm, "ft-e10", "kd-e10", "matekd-e10").splitlines()[-1] == \
         "average over 2 rows: MATE-KD − KD -0.50, KD − FT +1.00"
     rows = transfer_table.table(arm, ["kd-e10"], runs).splitlines()[2:]
-    assert rows[0] == ("| a@100 | 90.00 | 20.0% | kd-e10 | 71.00 ± 0.00 (n=1) | 70.00 ± 0.00 (n=2) | 62.00 ± 1.41 (n=2) "
-                       "| 70.00 ± 0.00 (n=1) | 85.00 ± 7.07 (n=2) | 15 s |")
+    assert rows[0] == ("| a@100 | 90.00 | 20.0% | kd-e10 | 71.00 ± 0.00 (n=1) | 70.00 ± 0.00 (n=2) "
+                       "| 62.00 ± 1.41 (n=2) | 70.00 ± 0.00 (n=1) | 85.00 ± 7.07 (n=2) | 15 s |")
     assert "| – | – | – | – |" in rows[1]  # row b has no agreement.json
     lines = transfer_table.measured_gaps(arm, runs, "ft-e10", "kd-e10", "matekd-e10").splitlines()
     assert lines == [  # no ft-e10 measured: no KD − FT

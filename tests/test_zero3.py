@@ -19,12 +19,12 @@ import json
 
 import pytest
 import torch
-from helpers import REPO, run_cli, teacher_ds_config, tiny_batch, tiny_models, tiny_tokenizer
+from helpers import REPO, run_cli, soft_inputs_embeds, teacher_ds_config, tiny_batch, tiny_models, tiny_tokenizer
 
 from matekd_ds import distributed
 from matekd_ds.engines import build_teacher_engine
 from matekd_ds.partition import gathered_state_dict, param_bytes, release_backward_leftovers
-from matekd_ds.perturb import Perturber, soft_embeddings, soft_inputs_embeds
+from matekd_ds.perturb import Perturber, soft_embeddings
 
 GRAD_RTOL = 1e-5
 LOGITS_ATOL = 1e-6
@@ -136,7 +136,8 @@ def test_two_ranks(tmp_path):
     assert iso["generator_params_changed"] > 0 and iso["student_params_changed"] > 0
     assert iso["dtypes"] == ["torch.bfloat16"]
     assert all("cpu" in device for device in iso["generator_offload"].values()), iso["generator_offload"]
-    print(f"[zero3 probe] parameter bytes per rank / whole, between MATE-KD steps: {iso['rank_fraction_between_steps']}")
+    print(f"[zero3 probe] parameter bytes per rank / whole, between MATE-KD steps: "
+          f"{iso['rank_fraction_between_steps']}")
     assert all(f <= 0.55 for f in iso["rank_fraction_between_steps"].values()), iso["rank_fraction_between_steps"]
     assert all(v == v and abs(v) < 1e3 for v in iso["losses"].values())
 
@@ -149,7 +150,7 @@ def test_zero3_engines_hold_only_partitions_between_steps(setup):
     from helpers import tiny_matekd
 
     tokenizer, batch, _, _ = setup
-    method = tiny_matekd(3, tokenizer)
+    method = tiny_matekd(3)
 
     def resident(module):  # whole (gathered) copies of partitioned, non-persistent parameters
         return [n for n, p in module.named_parameters() if p.numel() and not p.ds_persist]

@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from helpers import teacher_ds_config, tiny_tokenizer  # noqa: E402
+import torch
+from helpers import teacher_ds_config, tiny_tokenizer
 
-from matekd_ds import distributed, models  # noqa: E402
-from matekd_ds.partition import gathered_state_dict, param_bytes  # noqa: E402
+from matekd_ds import distributed, models
+from matekd_ds.partition import gathered_state_dict, param_bytes
 
 CASES = {"classifier_sharded": "classifier", "masked_lm_tied": "generator", "encoder_as_classifier": "classifier"}
 

@@ -23,16 +23,22 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from helpers import (  # noqa: E402
-    assert_same, param_tensors, snapshot_engine, teacher_ds_config, tiny_batch, tiny_matekd, tiny_models,
+import torch
+from helpers import (
+    assert_same,
+    param_tensors,
+    snapshot_engine,
+    teacher_ds_config,
+    tiny_batch,
+    tiny_matekd,
+    tiny_models,
     tiny_tokenizer,
 )
 
-from matekd_ds import distributed  # noqa: E402
-from matekd_ds.engines import build_teacher_engine  # noqa: E402
-from matekd_ds.partition import param_bytes, release_backward_leftovers  # noqa: E402
-from matekd_ds.perturb import Perturber, soft_embeddings  # noqa: E402
+from matekd_ds import distributed
+from matekd_ds.engines import build_teacher_engine
+from matekd_ds.partition import param_bytes, release_backward_leftovers
+from matekd_ds.perturb import Perturber, soft_embeddings
 
 
 def soft_input_gradient(model, batch, mask, y0):
@@ -76,7 +82,7 @@ def teacher_checks(tokenizer, examples, preset: str) -> dict:
 
 
 def isolation_checks(tokenizer, examples) -> dict:
-    method = tiny_matekd(3, tokenizer, dtype="bf16", generator_preset="zero3+bf16+offload")
+    method = tiny_matekd(3, dtype="bf16", generator_preset="zero3+bf16+offload")
     batch = tiny_batch(tokenizer, examples)
     out = {}
     student_step = method.student_micro_step(batch, seed=1)
@@ -105,7 +111,8 @@ def isolation_checks(tokenizer, examples) -> dict:
     for role, module in (("teacher", method.teacher.module), ("student", method.student.module),
                          ("generator", method.generator.module)):
         memory = param_bytes(module)
-        out["rank_fraction_between_steps"][role] = max(distributed.gather_objects(memory["rank_bytes"])) / memory["full_bytes"]
+        out["rank_fraction_between_steps"][role] = \
+            max(distributed.gather_objects(memory["rank_bytes"])) / memory["full_bytes"]
     out["dtypes"] = sorted({str(p.dtype) for p in method.student.module.parameters()})
     engine = method.generator  # what DeepSpeed itself resolved
     out["generator_offload"] = {"optimizer": str(getattr(engine.zero_offload_optimizer(), "device", None)),

@@ -93,7 +93,8 @@ def main() -> None:
         runs = sorted(r for r in task_dir.iterdir() if r.name.startswith("matekd") and RunDir(r).metrics_file.is_file())
         task: dict[str, dict] = {}
         for run in runs:
-            checkpoints = sorted((RunDir(run).checkpoints("student") / "generator").glob("step_*/mp_rank_00_model_states.pt"))
+            checkpoints = sorted((RunDir(run).checkpoints("student") / "generator")
+                                 .glob("step_*/mp_rank_00_model_states.pt"))
             if not checkpoints:
                 continue
             state = final_generator_state(checkpoints[-1])
@@ -103,7 +104,8 @@ def main() -> None:
                 final.load_state_dict(state, strict=False)
                 entry.update(perturbation_effect(run, final, args.examples))
             task[run.name] = entry
-            print(task_dir.name, run.name, json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
+            print(task_dir.name, run.name,
+                  json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
         results[task_dir.name] = task
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

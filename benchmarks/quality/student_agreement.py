@@ -38,8 +38,8 @@ from matekd_ds import models
 from matekd_ds.config import config_from_dict
 from matekd_ds.data.batching import encode
 from matekd_ds.data.tasks import load_task_data
-from matekd_ds.evaluation import predict
 from matekd_ds.errors import MatekdError
+from matekd_ds.evaluation import predict
 from matekd_ds.evaluation_cli import DataOptions, labeled_sets
 from matekd_ds.robustness import Perturbation, compare_to_teacher, perturbed_copy
 from matekd_ds.run_dir import RunDir
@@ -98,7 +98,8 @@ def kept_runs(out: Path | None, mask_prob: float, seed: int, examples: int,
     if out is None or not out.is_file():
         return {}
     old = json.loads(out.read_text())
-    if (old.get("mask_prob"), old.get("seed", 0), old.get("examples"), old.get("data")) != (mask_prob, seed, examples, data):
+    if (old.get("mask_prob"), old.get("seed", 0), old.get("examples"), old.get("data")) \
+            != (mask_prob, seed, examples, data):
         raise SystemExit(f"student_agreement: {out} was measured with another perturbation; rerun without --only")
     if any("acc_perturbed_kept" not in row for row in old["runs"].values()):
         raise SystemExit(f"student_agreement: {out} predates acc_perturbed_kept; rerun without --only")
@@ -121,7 +122,8 @@ def summarise(per_run: dict[str, dict[str, float]]) -> dict[str, dict[str, str]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("task_dir", type=Path, help="one task of a matekd experiment output_dir, e.g. runs/x/sst2 (or runs/x/sst2/n1000)")
+    parser.add_argument("task_dir", type=Path,
+                        help="one task of a matekd experiment output_dir, e.g. runs/x/sst2 (or runs/x/sst2/n1000)")
     parser.add_argument("--mask-prob", type=float, default=0.3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the numbers to this JSON file")
@@ -149,13 +151,14 @@ def main() -> None:
     settings = Perturbation(str(warm), args.mask_prob, cfg.matekd.gumbel_tau, args.seed)
     noisy = perturbed_copy(dev, generator, tokenizer, settings, DEVICE)
     teacher = models.load_classifier("teacher", cfg.models.teacher, data.spec.num_labels, tokenizer, False).eval()
-    teacher_clean, teacher_noisy = predict(teacher, dev, BATCH, pad, DEVICE), predict(teacher, noisy, BATCH, pad, DEVICE)
+    teacher_clean, teacher_noisy = (predict(teacher, dev, BATCH, pad, DEVICE),
+                                    predict(teacher, noisy, BATCH, pad, DEVICE))
 
     label_kept = rewrite_kept_label(teacher_clean, teacher_noisy, labels)
     per_run = kept_runs(args.out, args.mask_prob, args.seed, len(dev), args.data) if args.only else {}
     for run in runs:
-        student = models.load_classifier("student", str(RunDir(run).model_dir("student_best")), data.spec.num_labels, tokenizer,
-                                         False).eval()
+        student = models.load_classifier("student", str(RunDir(run).model_dir("student_best")), data.spec.num_labels,
+                                         tokenizer, False).eval()
         clean = compare(predict(student, dev, BATCH, pad, DEVICE), teacher_clean, labels)
         student_noisy = predict(student, noisy, BATCH, pad, DEVICE)
         perturbed = compare(student_noisy, teacher_noisy, labels)
@@ -174,8 +177,8 @@ def main() -> None:
     print(f"teacher: {json.dumps({k: round(v, 4) for k, v in teacher_row.items()})}")
     if args.out:
         args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "data": args.data, "mask_prob": args.mask_prob,
-                                        "seed": args.seed, "examples": len(dev), "teacher": teacher_row, "runs": per_run,
-                                        "summary": table}, indent=2) + "\n")
+                                        "seed": args.seed, "examples": len(dev), "teacher": teacher_row,
+                                        "runs": per_run, "summary": table}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ and the same gaps on what student_agreement.py measured (clean, perturbed and la
 with its --data, on a held-out set).
 
     matekd experiment benchmarks/quality/transfer_sets.yaml --report-only
-    python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000 --out runs/transfer-sets/sst2/n1000/agreement.json
+    python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000 \
+        --out runs/transfer-sets/sst2/n1000/agreement.json
     ...                                                  (the same for subj, trec)
     python benchmarks/quality/transfer_table.py runs/transfer-sets [--json docs/results.json]
     python benchmarks/quality/transfer_table.py runs/transfer-sets/arm-epochs10 --runs runs/transfer-sets \
@@ -26,7 +27,7 @@ import json
 import statistics
 from pathlib import Path
 
-from matekd_ds.experiment import mean_std_cell
+from matekd_ds.experiment.report import mean_std_cell
 
 
 def agreement_of(runs: Path, row: str, name: str = "agreement.json") -> dict | None:
@@ -48,8 +49,8 @@ def cell(values: list[float]) -> str:
 
 def table(out: Path, methods: list[str], runs: Path, agreement_name: str = "agreement.json") -> str:
     details = json.loads((out / "details.json").read_text())
-    lines = ["| task@N | teacher | generator MLM acc | method | best dev | clean acc | perturbed acc | perturbed acc, label kept "
-             "| agreement on perturbed | train time |",
+    lines = ["| task@N | teacher | generator MLM acc | method | best dev | clean acc | perturbed acc "
+             "| perturbed acc, label kept | agreement on perturbed | train time |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row, d in details.items():
         warm = (d.get("generator_warmup") or {}).get("dev_after", {}).get("accuracy")
@@ -99,7 +100,8 @@ def measured_gaps(out: Path, runs: Path, ft: str = "ft", kd: str = "kd", matekd:
         a, b = per_run_agreement(agreement, high, key), per_run_agreement(agreement, low, key)
         return statistics.mean(a) - statistics.mean(b) if a and b else None
 
-    columns = [(f"MATE-KD − KD {label}", matekd, kd, key) for key, label in MEASURED] + [("KD − FT clean", kd, ft, "acc")]
+    columns = [(f"MATE-KD − KD {label}", matekd, kd, key) for key, label in MEASURED] \
+        + [("KD − FT clean", kd, ft, "acc")]
     for row in details:
         agreement = agreement_of(runs, row, agreement_name)
         parts = []
@@ -138,7 +140,8 @@ def main() -> None:
     if args.json:
         results = json.loads((args.out / "results.json").read_text())
         names = dict(zip(methods, args.json_names.split(","), strict=True)) if args.json_names else {}
-        args.json.write_text(json.dumps({task: {names.get(m, m): results[task][m] for m in methods if m in results[task]}
+        args.json.write_text(json.dumps({task: {names.get(m, m): results[task][m]
+                                                for m in methods if m in results[task]}
                                          for task in results}, indent=2) + "\n")
 
 

@@ -26,7 +26,7 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def head(self, n: int) -> "Encoded":
+    def head(self, n: int) -> Encoded:
         """The first n examples."""
         types = self.token_type_ids[:n] if self.token_type_ids is not None else None
         return Encoded(self.input_ids[:n], types, self.labels[:n], self.regression)
@@ -94,7 +94,7 @@ class TrainStream:
 
     @classmethod
     def over(cls, data: Encoded, micro_batch: int, rank: int, world_size: int, seed: int,
-             group_by_length: bool = False) -> "TrainStream":
+             group_by_length: bool = False) -> TrainStream:
         """The stream over a training set; `group_by_length` groups its batches by token count."""
         lengths = [len(ids) for ids in data.input_ids] if group_by_length else None
         return cls(len(data), micro_batch, rank, world_size, seed, lengths)

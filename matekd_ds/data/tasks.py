@@ -85,7 +85,10 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         train, dev = parts["train"], {"dev": parts["dev"]}
     elif cfg.task == "custom":
         spec = custom_spec(cfg)
-        read = lambda path: load_table(path, d.text_columns, d.label_column, d.label_names, d.regression)  # noqa: E731
+
+        def read(path):
+            return load_table(path, d.text_columns, d.label_column, d.label_names, d.regression)
+
         train, dev = read(d.train_file), {"dev": read(d.dev_file)}
     else:
         spec = get_task(cfg.task)

@@ -13,36 +13,36 @@ from torch import nn
 class Method(Protocol):
     """A training method (ft, kd, matekd, the generator's MLM warm-up), as the Trainer drives it.
 
-    `engines`: the DeepSpeed engines it trains, by name; the Trainer checkpoints and restores
-    each under that name. `phase(step)`: the name the step's losses are logged under (for
-    MATE-KD, which engine the step trains). `train_step`: one optimizer step over the step's
-    micro-batches (forward, backward and step of the engine the step trains); `seeds` has one
-    seed per micro-batch for the step's masks and noise. Returns the step's mean losses as 0-d
-    tensors (read on the host only at logging steps)."""
+    `engines`: the DeepSpeed engines it trains, by role ("student", "generator", "teacher");
+    the Trainer checkpoints and restores each under that name. `trains(step)`: the role of the
+    engine that step trains (MATE-KD alternates generator and student steps). `train_step`: one
+    optimizer step over the step's micro-batches (forward, backward and step of that engine);
+    `seeds` has one seed per micro-batch for the step's masks and noise. Returns the step's mean
+    losses as 0-d tensors (read on the host only at logging steps)."""
 
     name: str
 
     @property
     def engines(self) -> dict[str, Any]: ...
 
-    def phase(self, step: int) -> str: ...
+    def trains(self, step: int) -> str: ...
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int,
                    seeds: list[int]) -> dict[str, torch.Tensor]: ...
 
 
-class StudentOnly:
+class SingleEngine:
     """Base for methods that train one engine alone: every step is a step of that engine."""
 
     def __init__(self, engine, role: str = "student"):
-        self.student = engine
+        self.engine = engine
         self.role = role  # "student", or "teacher" when this fine-tunes the teacher
 
     @property
     def engines(self) -> dict[str, Any]:
-        return {"student": self.student}
+        return {self.role: self.engine}
 
-    def phase(self, step: int) -> str:
+    def trains(self, step: int) -> str:
         return self.role
 
 

@@ -6,22 +6,23 @@ import torch
 
 from matekd_ds.data.batching import model_inputs
 from matekd_ds.losses import task_loss
-from matekd_ds.methods.base import StudentOnly
+from matekd_ds.methods.base import SingleEngine
 
 
-class FineTune(StudentOnly):
+class FineTune(SingleEngine):
     name = "ft"
 
     def __init__(self, engine, regression: bool, role: str = "student"):
         super().__init__(engine, role)
         self.regression = regression
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int,
+                   seeds: list[int]) -> dict[str, torch.Tensor]:
         total = 0.0
         for batch in micro_batches:
-            logits = self.student(**model_inputs(batch)).logits
+            logits = self.engine(**model_inputs(batch)).logits
             loss = task_loss(logits, batch["labels"], self.regression)
-            self.student.backward(loss)
-            self.student.step()
+            self.engine.backward(loss)
+            self.engine.step()
             total = total + loss.detach()
         return {"loss": total / len(micro_batches)}

@@ -6,11 +6,11 @@ import torch
 
 from matekd_ds.data.batching import model_inputs
 from matekd_ds.losses import divergence, task_loss
-from matekd_ds.methods.base import StudentOnly
+from matekd_ds.methods.base import SingleEngine
 from matekd_ds.teacher import Teacher
 
 
-class KnowledgeDistillation(StudentOnly):
+class KnowledgeDistillation(SingleEngine):
     name = "kd"
 
     def __init__(self, student_engine, teacher: Teacher, regression: bool, alpha: float, temperature: float):
@@ -18,17 +18,18 @@ class KnowledgeDistillation(StudentOnly):
         self.teacher = teacher
         self.regression, self.alpha, self.temperature = regression, alpha, temperature
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int,
+                   seeds: list[int]) -> dict[str, torch.Tensor]:
         sums = {"loss": 0.0, "ce": 0.0, "div": 0.0}
         T = self.temperature
         for batch in micro_batches:
             teacher_logits = self.teacher.clean_logits(batch)
-            logits = self.student(**model_inputs(batch)).logits
+            logits = self.engine(**model_inputs(batch)).logits
             ce = task_loss(logits, batch["labels"], self.regression)
             div = divergence(logits, teacher_logits, T, self.regression)
             loss = self.alpha * ce + (1 - self.alpha) * T * T * div
-            self.student.backward(loss)
-            self.student.step()
+            self.engine.backward(loss)
+            self.engine.step()
             for key, value in (("loss", loss), ("ce", ce), ("div", div)):
                 sums[key] = sums[key] + value.detach()
         return {k: v / len(micro_batches) for k, v in sums.items()}

@@ -22,7 +22,7 @@ from matekd_ds.perturb import Perturber, soft_embeddings
 from matekd_ds.teacher import Teacher
 
 
-def cycle_phase(step: int, generator_steps: int, student_steps: int) -> str:
+def cycle_role(step: int, generator_steps: int, student_steps: int) -> str:
     """The first `generator_steps` of every cycle train the generator, the rest the student."""
     return "generator" if step % (generator_steps + student_steps) < generator_steps else "student"
 
@@ -55,14 +55,15 @@ class MateKD:
     def engines(self) -> dict:
         return {"student": self.student, "generator": self.generator}
 
-    def phase(self, step: int) -> str:
-        return cycle_phase(step, self.generator_steps, self.student_steps)
+    def trains(self, step: int) -> str:
+        return cycle_role(step, self.generator_steps, self.student_steps)
 
     def div(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return divergence(student_logits, teacher_logits, self.temperature, self.regression)
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
-        micro_step = self.generator_micro_step if self.phase(step) == "generator" else self.student_micro_step
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int,
+                   seeds: list[int]) -> dict[str, torch.Tensor]:
+        micro_step = self.generator_micro_step if self.trains(step) == "generator" else self.student_micro_step
         sums: dict[str, torch.Tensor] = {}
         for batch, seed in zip(micro_batches, seeds):
             for key, value in micro_step(batch, seed).items():

@@ -36,10 +36,11 @@ class MlmWarmup:
     def engines(self) -> dict:
         return {"generator": self.generator}
 
-    def phase(self, step: int) -> str:
-        return "generator_warmup"
+    def trains(self, step: int) -> str:
+        return "generator"
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int, seeds: list[int]) -> dict[str, torch.Tensor]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int,
+                   seeds: list[int]) -> dict[str, torch.Tensor]:
         loss_sum, right, rows = 0.0, 0, 0
         for batch, seed in zip(micro_batches, seeds):
             # The bare module, as in MATE-KD's generator step: the engine only sees the backward.
@@ -79,4 +80,5 @@ class MlmEvaluator:
         self.batch_size, self.pad_id, self.device = batch_size, pad_id, device
 
     def __call__(self) -> dict[str, dict[str, float]]:
-        return {"dev": mlm_evaluate(self.generator, self.perturber, self.dev, self.batch_size, self.pad_id, self.device)}
+        return {"dev": mlm_evaluate(self.generator, self.perturber, self.dev, self.batch_size, self.pad_id,
+                                    self.device)}

@@ -1,0 +1,93 @@
+"""Reading an experiment spec: `extends:` merged, ${VAR} expanded, every key checked."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from matekd_ds.config import METHODS, merge, read_config_file
+from matekd_ds.errors import MatekdError
+
+SPEC_KEYS = {"output_dir", "report_dir", "tasks", "methods", "seeds", "base", "method_overrides", "teacher",
+             "generator", "transfer_sizes"}
+
+
+def _expand_env(value: Any, path: str | Path) -> Any:
+    """${VAR} in any string of the spec (model paths differ between machines)."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, path) for v in value]
+    if isinstance(value, str) and "$" in value:
+        expanded = os.path.expandvars(value)
+        if "$" in expanded:
+            raise MatekdError(f"experiment spec {path}: environment variable in '{value}' is not set")
+        return expanded
+    return value
+
+
+def _read_extended(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The spec deep-merged over the spec its `extends:` names (a path relative to this spec's
+    folder), so one arm of a sweep states only what it changes. Mappings merge key by key; lists
+    and values replace."""
+    if path.resolve() in chain:
+        raise MatekdError(f"experiment spec {chain[0]}: 'extends' comes back to {path}")
+    spec = read_config_file(path)
+    parent = spec.pop("extends", None)
+    if parent is None:
+        return spec
+    if not isinstance(parent, str) or not parent.strip():
+        raise MatekdError(f"experiment spec {path}: 'extends' must name a spec file, got {parent!r}")
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise MatekdError(f"experiment spec {path}: 'extends' names {parent_path}, which does not exist")
+    return merge(_read_extended(parent_path, (*chain, path.resolve())), spec)
+
+
+def read_spec(path: str | Path) -> dict[str, Any]:
+    spec = _expand_env(_read_extended(Path(path)), path)
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise MatekdError(f"experiment spec {path}: unknown key '{min(unknown)}' "
+                          f"(valid: {', '.join(sorted(SPEC_KEYS))})")
+    for key in ("output_dir", "tasks", "teacher"):
+        if not spec.get(key):
+            raise MatekdError(f"experiment spec {path}: '{key}' is required")
+    if not isinstance(spec["tasks"], dict):
+        raise MatekdError(f"experiment spec {path}: 'tasks' must map task names to run-config overrides")
+    methods = spec.setdefault("methods", list(METHODS))
+    overrides = spec.get("method_overrides") or {}
+    for name in methods:  # a method, or a variant: a name whose overrides say `method: ...`
+        if base_method(name, overrides) not in METHODS:
+            raise MatekdError(f"experiment spec {path}: unknown method '{name}' (valid: {', '.join(METHODS)}, "
+                              "or a variant name with method_overrides.<name>.method)")
+    seeds = spec.setdefault("seeds", [1, 2, 3])
+    if not seeds or not all(isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise MatekdError(f"experiment spec {path}: 'seeds' must be a list of distinct integers")
+    teacher = spec["teacher"]
+    if not isinstance(teacher, dict) or not (teacher.get("model") or teacher.get("finetuned")):
+        raise MatekdError(f"experiment spec {path}: teacher needs 'model' (fine-tuned per task) or 'finetuned' paths")
+    if any(base_method(m, overrides) == "matekd" for m in methods) and not (spec.get("generator") or {}).get("model"):
+        raise MatekdError(f"experiment spec {path}: method matekd needs generator.model")
+    if spec.get("transfer_sizes") is not None:
+        _check_transfer_sizes(spec["transfer_sizes"], path)
+    return spec
+
+
+def _check_transfer_sizes(sizes: Any, path: str | Path) -> None:
+    where = f"experiment spec {path}: 'transfer_sizes'"
+    if not isinstance(sizes, list) or not sizes:
+        raise MatekdError(f"{where} must be a non-empty list of training-set sizes, got {sizes!r}")
+    for size in sizes:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise MatekdError(f"{where} must hold integers (numbers of training examples), got {size!r}")
+        if size <= 0:
+            raise MatekdError(f"{where} must hold positive sizes, got {size}")
+        if sizes.count(size) > 1:
+            raise MatekdError(f"{where} lists {size} more than once")
+
+
+def base_method(name: str, method_overrides: dict[str, Any]) -> str:
+    """`kd`, or the method a variant such as `matekd-lr1e-5` names in its overrides."""
+    return (method_overrides.get(name) or {}).get("method", name)
