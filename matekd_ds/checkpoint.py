@@ -11,9 +11,16 @@ Layout under <run>/checkpoints/<phase>/:
 Saving: every file is written and fsync'ed, then the manifest, then LATEST, each renamed into
 place atomically; a crash mid-save leaves a tag without a manifest, which is never loaded.
 Resuming: tags are tried newest first; one whose manifest is missing or does not match its files
-(truncated, flipped bytes, deleted) is skipped with a one-line warning. Loading unpickles nothing
-but tensors, containers and plain values (`weights_only=True`, plus an explicit allowlist of the
-few DeepSpeed classes its checkpoints hold): a planted pickle payload is refused, not run.
+(truncated, flipped bytes, deleted, a file the manifest does not list) is skipped with a one-line
+warning, and so is one that fails to load for any other reason. Loading unpickles nothing but
+tensors, containers and plain values (`weights_only=True`, plus an explicit allowlist of the few
+DeepSpeed classes its checkpoints hold): a planted pickle payload is refused, not run.
+
+A manifest detects damage (a crash, a full disk, a bad copy), not forgery: whoever can rewrite a
+file can rewrite the manifest too. What stops a forged file is the loading above.
+
+Exports (student/, teacher/, ...) carry a manifest of the same kind (`write_export_manifest`,
+`verify_export`), checked by everything that reads them back.
 """
 
 from __future__ import annotations
@@ -32,12 +39,17 @@ import torch
 
 from matekd_ds import distributed
 from matekd_ds.durable import fsync_path, write_atomic
-from matekd_ds.errors import MatekdError
+from matekd_ds.errors import MatekdError, RunFailed
 from matekd_ds.monitor import log
 
 MANIFEST = "MANIFEST.json"
 TRAINER = "trainer"  # the folder of the loop's own files, beside the engines' folders
 _CHUNK = 1 << 22
+
+
+class CheckpointUnusable(RunFailed):
+    """No checkpoint of a phase can be loaded. Not bad input (MatekdError, exit 2): the run
+    directory holds what a run wrote, and the run ends as failed (exit 1)."""
 
 
 def tag_of(step: int) -> str:
@@ -121,6 +133,13 @@ def crc32_of(path: Path) -> str:
     return f"{crc:08x}"
 
 
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < _CHUNK
+    except OSError:
+        return False
+
+
 def _mine(items: list, rank: int, world: int) -> list:
     """This rank's share of a list every rank sees in the same order."""
     return items[rank::world]
@@ -135,6 +154,10 @@ class Checkpointer:
         pointer = self.root / "LATEST"
         text = pointer.read_text().strip() if pointer.is_file() else ""
         return text or None
+
+    def folder(self, tag: str) -> Path:
+        """The folder that names checkpoint `tag` on disk (its loop state and manifest)."""
+        return self.root / TRAINER / tag
 
     def _tags(self) -> list[str]:
         folder = self.root / TRAINER
@@ -172,12 +195,14 @@ class Checkpointer:
             distributed.barrier()
             self._write_manifest(list(engines), tag)
         except BaseException as err:
+            full = _nearly_full(self.root)  # before the partial files are freed
             if distributed.is_main():  # an incomplete tag is never loaded; free its space
                 for name in [*engines, TRAINER]:
                     shutil.rmtree(self.root / name / tag, ignore_errors=True)
             if isinstance(err, RuntimeError):  # torch.save reports a failed write (disk full) this way
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise OSError(errno.EIO, f"checkpoint {tag} could not be written ({first})", str(self.root)) from None
+                code, why = (errno.ENOSPC, "No space left on device") if full else (errno.EIO, first)
+                raise OSError(code, f"checkpoint {tag} could not be written ({why})", str(self.root)) from None
             raise
         if distributed.is_main():
             write_atomic(self.root / "LATEST", tag)
@@ -217,9 +242,11 @@ class Checkpointer:
             entries, problem = {}, "no readable manifest (an interrupted save)"
         on_disk = {str(p.relative_to(self.root)) for p in self._files(names, tag)}
         if problem is None:
-            missing = sorted(set(entries) - on_disk)
+            missing, unlisted = sorted(set(entries) - on_disk), sorted(on_disk - set(entries))
             if missing:
                 problem = f"{missing[0]} is missing"
+            elif unlisted:  # complete means: every file the engines will read is listed and verified
+                problem = f"{unlisted[0]} is not in the manifest"
             elif not any(k.startswith(f"{name}/") for name in names for k in entries):
                 problem = "the manifest lists no engine files"
         if problem is None:
@@ -235,34 +262,97 @@ class Checkpointer:
         return problems[0] if problems else None
 
     def load(self, engines: dict[str, Any]) -> dict[str, Any] | None:
-        """Restore every engine and this rank's RNG from the newest verified checkpoint; returns
-        the trainer state, or None when this phase has no complete checkpoint at all."""
+        """Restore every engine and this rank's RNG from the newest checkpoint that verifies and
+        loads; returns the trainer state, or None when this phase has no complete checkpoint at
+        all. Each one passed over is one warning line. Raises CheckpointUnusable when there are
+        checkpoints but none can be used. Collective."""
         names = list(engines)
-        tags = self._tags()
         rejected: list[str] = []
-        for tag in tags:
+        for tag in self._tags():
             problem = self.verify(names, tag)
+            state = None
             if problem is None:
-                return self._load_tag(engines, tag)
-            log.warning(f"checkpoint {self.root / TRAINER / tag} skipped: {problem}")
+                state, problem = self._try_load_tag(engines, tag)
+            if problem is None:
+                return state
+            log.warning(f"checkpoint {self.folder(tag)} skipped: {problem}")
             if "interrupted save" not in problem:
                 rejected.append(tag)
         if rejected:
-            raise MatekdError(f"no checkpoint under {self.root} passed verification ({', '.join(rejected)}); "
-                              "see the warnings above")
+            raise CheckpointUnusable(f"no checkpoint under {self.root} could be used ({', '.join(rejected)}); "
+                                     "see the warnings above")
         return None
+
+    def _try_load_tag(self, engines: dict[str, Any], tag: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(trainer state, None), or (None, why it failed to load): any error on any rank. The next
+        tag's load restores every engine and the RNG anew, so a half-done load leaves nothing behind."""
+        state, problem = None, None
+        try:
+            state = self._load_tag(engines, tag)
+        except Exception as err:  # a planted pickle, a file DeepSpeed cannot read, a changed layout
+            text = str(err).strip().splitlines()
+            problem = f"it could not be loaded ({type(err).__name__}: {text[0][:300] if text else ''})"
+        problems = [p for p in distributed.gather_objects(problem) if p]
+        return (state, None) if not problems else (None, problems[0])
 
     def _load_tag(self, engines: dict[str, Any], tag: str) -> dict[str, Any]:
         for name, engine in engines.items():
             use_safe_loading(engine)
             path, _ = engine.load_checkpoint(str(self.root / name), tag=tag)
             if path is None:
-                raise MatekdError(f"checkpoint {self.root / name / tag} could not be loaded")
-        trainer_dir = self.root / TRAINER / tag
+                raise MatekdError(f"DeepSpeed found no checkpoint in {self.root / name / tag}")
+        trainer_dir = self.folder(tag)
         rng_file = trainer_dir / f"rng_rank{distributed.rank()}.pt"
         if rng_file.is_file():  # a resume on a different world size keeps fresh RNG for new ranks
             set_rng_state(safe_load(rng_file))
-        try:
-            return json.loads((trainer_dir / "state.json").read_text())
-        except ValueError as err:
-            raise MatekdError(f"checkpoint {trainer_dir}: state.json is not valid JSON ({err})") from None
+        state = json.loads((trainer_dir / "state.json").read_text())
+        if not isinstance(state, dict):
+            raise ValueError("state.json does not hold the loop state")
+        return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports: a manifest beside the files a loader reads
+
+# Not covered: the model card (rewritten after the export, when the final metrics are known) and
+# hidden files (a temp file an interrupted card write left; loaders never read them).
+_UNCOVERED = (MANIFEST, "README.md")
+
+
+def _export_files(folder: Path) -> dict[str, Path]:
+    return {str(p.relative_to(folder)): p for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in _UNCOVERED and not p.name.startswith(".")}
+
+
+def write_export_manifest(folder: Path) -> None:
+    """MANIFEST.json in an export folder being written (before it is fsync'ed and renamed)."""
+    entries = {rel: {"size": p.stat().st_size, "crc32": crc32_of(p)} for rel, p in _export_files(folder).items()}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def verify_export(folder: str | Path) -> None:
+    """A model folder this project exported must still match its manifest; one that has none (a
+    model from elsewhere, or exported by an older version) is taken as it is. Raises MatekdError
+    naming the first file that differs."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+        entries = {str(rel): (int(want["size"]), str(want["crc32"])) for rel, want in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise MatekdError(f"{manifest} is not a readable export manifest: the export is damaged") from None
+    on_disk = _export_files(folder)
+    problem = None
+    if missing := sorted(set(entries) - set(on_disk)):
+        problem = f"{missing[0]} is missing"
+    elif unlisted := sorted(set(on_disk) - set(entries)):
+        problem = f"{unlisted[0]} is not in its manifest"
+    else:
+        for rel, (size, crc) in entries.items():
+            if on_disk[rel].stat().st_size != size or crc32_of(on_disk[rel]) != crc:
+                problem = f"{rel} does not match its manifest"
+                break
+    if problem:
+        raise MatekdError(f"model {folder} is damaged: {problem} (size and CRC-32 recorded when it was exported)")

@@ -8,17 +8,20 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
-from importlib import resources
 from pathlib import Path
 
-from matekd_ds.errors import MatekdError
+from matekd_ds.errors import MatekdError, RunFailed
 
 EXIT_USAGE = 2  # bad input: nothing was written
 EXIT_FAILED = 1  # the run started and ended early (diverged, disk full, ...): metrics.json says why
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def default_config_path() -> Path:
+    from importlib import resources  # here, not at the top: main() installs its stop handlers first
+
     return Path(str(resources.files("matekd_ds.configs") / "offline_default.yaml"))
 
 
@@ -122,14 +125,102 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    code = EXIT_FAILED
+# ---------------------------------------------------------------------------------------------
+# Stop signals before a command handles them itself. main() installs a handler first, before
+# torch, DeepSpeed and transformers are imported (seconds), and it only notes the stop: code run
+# inside an import, or an exception raised there, can leave a library half-imported and failing
+# (RecursionError, "duplicate registrations"). Once the command's modules are imported, a noted
+# stop ends it with one line (_take_over_stops). Then `matekd train` hands SIGTERM/SIGINT to
+# signals.py (a stop at the next safe point), `matekd experiment` passes them on to its running
+# job, and in eval and predict, or between jobs, a stop ends the command at once.
+
+
+class StoppedBeforeHandled(BaseException):
+    """A stop signal before the command took over its handling. A BaseException, as
+    KeyboardInterrupt is: no library's `except Exception` swallows it mid-import."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_noted: list[int] = []  # stops that came while the command's modules were being imported
+
+
+def _note_stop(signum, frame) -> None:
+    _noted.append(signum)
+
+
+def _stop_now(signum, frame) -> None:
+    for sig in STOP_SIGNALS:  # one stop is enough: a second (Ctrl-C reaches a job twice) must not
+        signal.signal(sig, signal.SIG_IGN)  # interrupt the one line that says the first one stopped it
+    raise StoppedBeforeHandled(signum)
+
+
+def _stop_if_noted() -> None:
+    if _noted:
+        raise StoppedBeforeHandled(_noted[0])
+
+
+def _take_over_stops() -> None:
+    """The command's modules are imported: a stop noted meanwhile ends it now, a later one at once."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is _note_stop:
+            signal.signal(sig, _stop_now)
+    _stop_if_noted()
+
+
+def _stop_quietly_until_handled() -> dict[int, object] | None:
+    """Note SIGTERM and SIGINT from now on; returns the handlers it replaced (None off the main
+    thread, where Python allows no signal handlers)."""
+    _noted.clear()
     try:
-        code = _run(args)
+        return {sig: signal.signal(sig, _note_stop) for sig in STOP_SIGNALS}
+    except ValueError:
+        return None
+
+
+def _restore(handlers: dict[int, object] | None) -> None:
+    """Put back what main() replaced (matters when main() runs inside another program)."""
+    for sig, handler in (handlers or {}).items():
+        if signal.getsignal(sig) in (_note_stop, _stop_now, signal.SIG_IGN):  # not train's signals.py
+            signal.signal(sig, handler)
+
+
+# What a stop before the command took it over leaves, and what to do next.
+_STOPPED = {"train": "during start-up (nothing was written); run the same command again",
+            "warmup-generator": "during start-up (nothing was written); run the same command again",
+            "experiment": "while no job was running; rerun the same command to resume"}
+
+
+def _stopped_line(stop: StoppedBeforeHandled, command: str | None) -> str:
+    return f"matekd: stopped by {stop} {_STOPPED.get(command or '', 'before it finished; run it again')}"
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The sub-command, before argparse has run (a stop may come first)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    replaced = _stop_quietly_until_handled()  # first, before any heavy import
+    code, command = EXIT_FAILED, _command_in(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _run(_parser().parse_args(argv))
+    except StoppedBeforeHandled as stop:
+        print(_stopped_line(stop, command), file=sys.stderr)
+        code = 128 + stop.signum
     except MatekdError as err:
         print(f"matekd: error: {_one_line(err)}", file=sys.stderr)
         code = EXIT_USAGE
+    except RunFailed as err:
+        print(f"matekd: error: {_one_line(err)}", file=sys.stderr)
+        code = EXIT_FAILED
+    except RuntimeError as err:  # a collective failed: one line naming the lost node (peers.py)
+        if not _is_collective_failure(err):
+            raise
+        print(f"matekd: error: {_lost_peer_line(err)}", file=sys.stderr)
+        code = EXIT_FAILED
     except KeyboardInterrupt:
         print("matekd: interrupted", file=sys.stderr)
         code = 130
@@ -139,10 +230,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"matekd: error: could not write{where}: {what}", file=sys.stderr)
         code = EXIT_FAILED
     finally:
-        from matekd_ds import distributed
-
-        distributed.shutdown(wait_for_peers=code == 0)
+        _leave_process_group(code)
+        _restore(replaced)
     return code
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    peers = sys.modules.get("matekd_ds.peers")  # imported with distributed, if the run got that far
+    return peers is not None and peers.is_collective_failure(err)
+
+
+def _lost_peer_line(err: BaseException) -> str:
+    from matekd_ds import peers
+
+    return peers.lost_peer_line(err)
+
+
+def _leave_process_group(code: int) -> None:
+    """Only if the command got that far: importing distributed (torch) here again, after a stop
+    interrupted that import, would fail with a traceback of its own."""
+    distributed = sys.modules.get("matekd_ds.distributed")
+    if distributed is not None and hasattr(distributed, "shutdown"):
+        distributed.shutdown(wait_for_peers=code == 0)
 
 
 def _run(args) -> int:
@@ -150,6 +259,7 @@ def _run(args) -> int:
         return _train(args)
     if args.command == "experiment":
         from matekd_ds import experiment
+        _take_over_stops()  # between jobs a stop ends the sweep at once; during one it goes to the job
         return experiment.main(args.spec, dry_run=args.dry_run, launcher=args.launcher, report_only=args.report_only)
     if args.command == "predict":
         return _predict(args)
@@ -161,7 +271,8 @@ def _train(args) -> int:
     from matekd_ds.config import load_config
     from matekd_ds.health import Diverged
 
-    signals.install()  # from start-up to exit: a SIGTERM while loading stops cleanly too
+    signals.install()  # from here to exit: a SIGTERM while loading stops cleanly too
+    _stop_if_noted()  # one that came while the modules above were imported
     config_path = run_config_path(args.config, args.overrides)
     cfg = load_config(config_path, args.overrides)
     generator_only = args.command == "warmup-generator"
@@ -225,6 +336,7 @@ def _eval(args) -> int:
         from matekd_ds import evaluation_cli as ev
         from matekd_ds.durable import write_atomic
 
+        _take_over_stops()
         request = ev.EvalRequest(
             args.model, args.config, args.overrides,
             ev.DataOptions(args.data or [], args.text_columns, args.label_column), args.max_examples,
@@ -243,6 +355,9 @@ def _eval(args) -> int:
 
 def _predict(args) -> int:
     with _results_only_on_stdout():
+        from matekd_ds import evaluation_cli  # noqa: F401 - the heavy imports, before stops end the command at once
+
+        _take_over_stops()
         if args.glue_test:
             from matekd_ds.glue_submission import SubmissionRequest, write_submission
             summary = write_submission(SubmissionRequest(args.model, Path(args.glue_test), Path(args.out), args.config,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +103,12 @@ class MatekdConfig:
     generator_mlm_warmup_lr: float = 1e-4
     generator_mlm_warmup_ratio: float = 0.1  # of its steps, spent on a linear learning-rate warm-up
     generator_mlm_warmup_weight_decay: float = 0.01
+    # The generator's last encoder layer computed at the masked rows only (its output is read
+    # there alone): the same logits, less work. BERT-family encoders; others run it whole.
+    generator_last_layer_masked_rows: bool = True
+    # MATE-KD's generator cut to its first k encoder layers (after any MLM warm-up), keeping its
+    # MLM head: a cheaper adversary. null = all of them.
+    generator_layers: int | None = None
 
 
 @dataclass
@@ -129,6 +137,10 @@ class TrainConfig:
     # kd/matekd: compute the frozen teacher's clean-text logits once (one sharded pass over the
     # training set) instead of in every step. Same values, one teacher forward fewer per step.
     cache_teacher_logits: bool = True
+    # The forwards that need no gradient in training steps (the teacher's, and MATE-KD's
+    # generator in student steps) under autocast to this precision; null = the run's precision.
+    # bf16 on a CPU with AVX512-BF16 or AMX, or a GPU, for an fp32 run.
+    frozen_forward_dtype: str | None = None
     # Overrides the ZeRO stage of the trained engines (student, generator, and the teacher when it
     # is fine-tuned); the frozen teacher's engine is set by deepspeed.teacher.
     zero_stage: int | None = None
@@ -317,7 +329,25 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise MatekdError(f"config file {path} must hold a mapping at the top level")
-    return _fix_yaml_floats(data)
+    return expand_env(_fix_yaml_floats(data), f"config file {path}")
+
+
+_ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")
+
+
+def expand_env(value: Any, where: str) -> Any:
+    """Every ${VAR} in the strings of `value` replaced by that environment variable (a model's
+    folder differs between machines: `teacher: ${MINILM}`); an unset one is an error."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, where) for v in value]
+    if isinstance(value, str):
+        missing = [name for name in _ENV_REFERENCE.findall(value) if name not in os.environ]
+        if missing:
+            raise MatekdError(f"{where}: environment variable {missing[0]} in '{value}' is not set")
+        return _ENV_REFERENCE.sub(lambda ref: os.environ[ref[1]], value)
+    return value
 
 
 def _fix_yaml_floats(data: Any) -> Any:
@@ -377,6 +407,10 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
            f"matekd.generator_mlm_warmup_ratio must be in [0, 1), got {m.generator_mlm_warmup_ratio}")
     _check(m.generator_mlm_warmup_weight_decay >= 0,
            f"matekd.generator_mlm_warmup_weight_decay must be >= 0, got {m.generator_mlm_warmup_weight_decay}")
+    _check(m.generator_layers is None or m.generator_layers >= 1,
+           f"matekd.generator_layers must be >= 1 (or null for all), got {m.generator_layers}")
+    _check(cfg.train.frozen_forward_dtype in (None, "bf16", "fp16"),
+           f"train.frozen_forward_dtype must be null, bf16 or fp16, got '{cfg.train.frozen_forward_dtype}'")
     _check(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha must be in [0, 1], got {cfg.kd.alpha}")
     _check(cfg.kd.temperature > 0, f"kd.temperature must be > 0, got {cfg.kd.temperature}")
     t = cfg.train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import time
@@ -9,6 +10,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from matekd_ds import peers
 
 
 def _free_port() -> int:
@@ -21,11 +24,10 @@ def init() -> None:
     """Join the launcher's process group; a plain `matekd train` becomes a world of one."""
     if dist.is_available() and dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # not started by deepspeed/torchrun/srun wrapper
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-        )
+    alone = "RANK" not in os.environ  # not started by deepspeed/torchrun/srun wrapper
+    if alone:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT="0")  # no port is used: _form_world_of_one
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -34,7 +36,54 @@ def init() -> None:
         accelerator.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         _skip_cpu_shared_memory_op()
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    backend = accelerator.communication_backend_name()
+    if alone:
+        _form_world_of_one(backend)  # deepspeed.init_distributed adopts the group that exists
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=collective_timeout())
+    except dist.DistNetworkError as err:  # rank 0 could not listen on MASTER_PORT (in use, say)
+        from matekd_ds.errors import RunFailed
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RunFailed(f"could not form the process group at {os.environ.get('MASTER_ADDR')}:"
+                        f"{os.environ.get('MASTER_PORT')} ({first[:200]}); start again with another port "
+                        "(the launcher's --master_port, or MASTER_PORT)") from None
+    peers.start()  # a heartbeat, so that a survivor of a lost node can name it (peers.py)
+
+
+def _form_world_of_one(backend: str) -> None:
+    """The process group of a lone process, on an in-memory store: no TCP port is chosen, so no
+    other process can take it first (the default env:// rendezvous listens on MASTER_PORT, and
+    sweeps start many single-rank runs on one host at once). Gloo's own socket takes a port the
+    kernel assigns. Other backends (oneCCL) keep DeepSpeed's own rendezvous on a free port."""
+    if backend not in ("gloo", "nccl"):
+        os.environ["MASTER_PORT"] = str(_free_port())
+        return
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=collective_timeout())
+
+
+COLLECTIVE_TIMEOUT_ENV = "MATEKD_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a collective (gloo and NCCL alike), the rendezvous and the TCP store wait for a
+    peer before they fail: MATEKD_COLLECTIVE_TIMEOUT_S seconds, else DeepSpeed's own default
+    (DEEPSPEED_TIMEOUT minutes, 10 unless set). It bounds how long the survivors of a lost node
+    wait before they exit (a peer that dies outright closes its connections, which fails a
+    collective at once); it must exceed the longest stretch one rank works while the others wait
+    at a collective (rank 0 exporting a model, a slow first step)."""
+    text = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not text:
+        from deepspeed.constants import default_pg_timeout
+        return default_pg_timeout
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        from matekd_ds.errors import MatekdError
+        raise MatekdError(f"{COLLECTIVE_TIMEOUT_ENV}={text}: expected a number of seconds > 0")
+    return datetime.timedelta(seconds=seconds)
 
 
 def _skip_cpu_shared_memory_op() -> None:
@@ -59,6 +108,7 @@ def shutdown(wait_for_peers: bool = True) -> None:
     error path a failed rank's peers may never arrive."""
     if not _initialized():
         return
+    peers.stop()
     try:
         gloo = dist.get_backend() == "gloo"
         if wait_for_peers:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from matekd_ds import distributed, models
+from matekd_ds.checkpoint import verify_export
 from matekd_ds.config import RunConfig, config_from_dict, merge, parse_override, read_config_file
 from matekd_ds.data.batching import Encoded, encode
 from matekd_ds.data.glue import TaskSpec
@@ -150,6 +151,7 @@ def load_target(target: str, config: str | None, overrides: list[str],
     any model is loaded); load the tokenizer and the model, checked against the task."""
     quiet_libraries()
     resolved = resolve_target(target)
+    verify_export(resolved.model)  # an export of this project must match its manifest; others load as they are
     cfg = target_config(resolved, config, overrides, max_examples)
     spec = task_spec(cfg)
     data = read_data(cfg, spec)
@@ -217,6 +219,7 @@ def _generator(target: Target, cfg: RunConfig, options: RobustnessOptions, token
                        if models.is_builtin(spec) else "")
     else:
         raise MatekdError("--perturbed needs a generator for a model outside a run directory: give --generator PATH")
+    verify_export(spec)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         generator = models.load_generator(spec, tokenizer)
@@ -275,6 +278,8 @@ def load_robustness(loaded: Loaded, options: RobustnessOptions) -> RobustnessInp
     teacher_name = _teacher_spec(target, cfg, options)
     if teacher_name is not None and _same_model(teacher_name, target.model):
         teacher_name = None  # the model itself: nothing to compare it with
+    if teacher_name is not None:
+        verify_export(teacher_name)
     teacher = None if teacher_name is None else load_model("teacher", teacher_name, loaded.spec, loaded.tokenizer,
                                                            cfg.data.max_length)
     roles = {"model": loaded.model, "generator": generator, **({"teacher": teacher} if teacher is not None else {})}

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from matekd_ds import distributed, models
+from matekd_ds.checkpoint import verify_export
 from matekd_ds.config import RunConfig
 from matekd_ds.data.batching import Encoded, TrainStream, encode
 from matekd_ds.data.tasks import TaskData, load_task_data
@@ -103,12 +104,34 @@ def prepare_inputs(cfg: RunConfig, resume: bool) -> RunInputs:
     ds_configs, dtype = resolve_run_ds_configs(cfg, distributed.world_size(), with_teacher=uses_teacher(cfg))
     if dtype == "fp16" and not torch.cuda.is_available():
         raise MatekdError("fp16 training needs a GPU; on the CPU use train.dtype=bf16 or fp32")
+    if resume:
+        run.check_layout(checkpoint_layout(cfg, ds_configs, dtype, distributed.world_size()))
     resumed = run if resume else None
     finetuned = bool(resumed and cfg.models.teacher_finetune_epochs > 0 and resumed.has_model("teacher"))
     zero3 = zero3_configs(cfg, ds_configs, finetuned)
     run_models = _load_models(cfg, data, tokenizer, resumed, zero3.first, finetuned)
     _check_one_global_batch(cfg, len(train))
     return RunInputs(cfg, data, tokenizer, train, dev, ds_configs, dtype, zero3, run_models)
+
+
+def checkpoint_layout(cfg: RunConfig, ds_configs: dict[str, dict[str, Any]], dtype: str,
+                      world_size: int) -> dict[str, Any]:
+    """What a checkpoint of this run can only be resumed with, named as the message refusing a
+    change names it: DeepSpeed saves each engine's optimizer state in the precision, ZeRO stage,
+    offload and number of partitions it ran with, and its load does not convert between them.
+    The trained engines only (teacher fine-tuning and the MLM warm-up train with the student's and
+    the generator's configs); the frozen teacher is never checkpointed."""
+    layout: dict[str, Any] = {"world size": world_size, "train.dtype": dtype}
+    for role in ("student", "generator"):
+        zero = ds_configs[role].get("zero_optimization", {}) if role in ds_configs else None
+        if zero is None:
+            continue
+        layout[f"the {role}'s ZeRO stage"] = zero.get("stage", 0)
+        for key, what in (("offload_optimizer", "optimizer offload"), ("offload_param", "parameter offload")):
+            layout[f"the {role}'s {what}"] = (zero.get(key) or {}).get("device") or "none"
+    if world_size == 1:  # it builds fp32 ZeRO-1/2 as ZeRO-0, whose checkpoints differ
+        layout["deepspeed.single_rank_fast_path"] = cfg.deepspeed.single_rank_fast_path
+    return layout
 
 
 def _load_tokenizer(cfg: RunConfig, data: TaskData, resumed: RunDir | None):
@@ -155,6 +178,7 @@ def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | No
         generator = _generator(cfg, generator_spec, tokenizer, zero3["generator"])
         # an unsupported MLM head is refused now, not after the teacher phase
         models.masked_lm_parts(structure(generator))
+        _check_generator_layers(cfg, generator)
     loaded = {role: structure(m) for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
               if m is not None}
     models.check_shared_vocabulary(loaded, tokenizer)
@@ -164,6 +188,15 @@ def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | No
     return RunModels(teacher, student, generator, teacher_is_finetuned=finetuned, generator_is_warm=warm)
 
 
+def _check_generator_layers(cfg: RunConfig, generator: torch.nn.Module | Partitioned) -> None:
+    keep = cfg.matekd.generator_layers
+    if keep is None:
+        return
+    if isinstance(generator, Partitioned):
+        raise MatekdError("matekd.generator_layers cuts a generator built whole: use deepspeed.generator below ZeRO-3")
+    models.check_generator_layers(generator, keep)
+
+
 def structure(model: torch.nn.Module | Partitioned) -> torch.nn.Module:
     """The module to check: the model itself, or a partitioned one's meta-device copy."""
     return model.shape if isinstance(model, Partitioned) else model
@@ -171,6 +204,7 @@ def structure(model: torch.nn.Module | Partitioned) -> torch.nn.Module:
 
 def _classifier(cfg: RunConfig, role: str, spec: str, num_labels: int, tokenizer, regression: bool,
                 zero3: dict[str, Any] | None) -> torch.nn.Module | Partitioned:
+    verify_export(spec)  # an export of this project (this run's teacher/, say) is checked against its manifest
     if zero3 is None:
         with _model_seed(cfg, role):
             return models.load_classifier(role, spec, num_labels, tokenizer, regression)
@@ -180,6 +214,7 @@ def _classifier(cfg: RunConfig, role: str, spec: str, num_labels: int, tokenizer
 
 
 def _generator(cfg: RunConfig, spec: str, tokenizer, zero3: dict[str, Any] | None) -> torch.nn.Module | Partitioned:
+    verify_export(spec)
     if zero3 is None:
         with _model_seed(cfg, "generator"):
             return models.load_generator(spec, tokenizer)

@@ -293,6 +293,39 @@ def init_student_from_teacher(teacher: nn.Module, layers: list[int],
     return student
 
 
+def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The stack of encoder layers of a Hugging Face encoder model (`<base>.encoder.layer`, or
+    DistilBERT's `<base>.transformer.layer`), or None."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    for path in (("encoder", "layer"), ("transformer", "layer")):
+        node = base
+        for part in path:
+            node = getattr(node, part, None)
+        if isinstance(node, nn.ModuleList):
+            return node
+    return None
+
+
+def check_generator_layers(generator: nn.Module, keep: int) -> None:
+    """matekd.generator_layers: the generator must have that many encoder layers to keep."""
+    layers = encoder_layers(generator)
+    if layers is None:
+        raise MatekdError(f"matekd.generator_layers: cannot find the encoder layers of {type(generator).__name__}")
+    if keep > len(layers):
+        raise MatekdError(f"matekd.generator_layers is {keep} but the generator has {len(layers)} encoder layers")
+
+
+def keep_first_layers(model: nn.Module, keep: int) -> nn.Module:
+    """`model` with its first `keep` encoder layers only (in place; its head stays): a cheaper
+    generator that starts from the same weights."""
+    check_generator_layers(model, keep)
+    del encoder_layers(model)[keep:]
+    for key in ("num_hidden_layers", "n_layers"):
+        if hasattr(model.config, key):
+            setattr(model.config, key, keep)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # The generator, split into encoder and MLM head so that logits are computed at masked rows only.
 

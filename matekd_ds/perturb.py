@@ -21,6 +21,7 @@ from torch import nn
 
 from matekd_ds.config import MatekdConfig
 from matekd_ds.kernels import gumbel_sample_ids, gumbel_softmax_sample
+from matekd_ds.masked_rows import masked_rows_only
 from matekd_ds.masking import apply_mask, choose_mask, maskable
 from matekd_ds.models import masked_lm_parts
 
@@ -40,17 +41,22 @@ class MaskedBatch:
 
 
 class Perturber:
-    def __init__(self, special_ids: list[int], mask_token_id: int, mask_prob: float, tau: float):
+    def __init__(self, special_ids: list[int], mask_token_id: int, mask_prob: float, tau: float,
+                 masked_rows_last_layer: bool = True):
         self.special_ids = special_ids
         self.mask_token_id = mask_token_id
         self.mask_prob = mask_prob
         self.tau = tau
+        # the generator's last encoder layer at the masked rows only (masked_rows.py): the same
+        # output there, a fraction of the work; encoders outside the BERT family run it whole
+        self.masked_rows_last_layer = masked_rows_last_layer
 
     @classmethod
     def for_run(cls, matekd: MatekdConfig, tokenizer) -> Perturber:
         """The run's masking and sampling: matekd.mask_prob and gumbel_tau, the tokenizer's
         special tokens never masked, its mask token as the generator's input."""
-        return cls(tokenizer.all_special_ids, tokenizer.mask_token_id, matekd.mask_prob, matekd.gumbel_tau)
+        return cls(tokenizer.all_special_ids, tokenizer.mask_token_id, matekd.mask_prob, matekd.gumbel_tau,
+                   matekd.generator_last_layer_masked_rows)
 
     def mask_batch(self, batch: dict[str, torch.Tensor], seed: int) -> MaskedBatch:
         ids, attention = batch["input_ids"], batch["attention_mask"]
@@ -63,10 +69,14 @@ class Perturber:
 
     def masked_logits(self, generator: nn.Module, mb: MaskedBatch) -> torch.Tensor:
         """Generator logits at the masked rows only: [M, V]. The encoder runs on the whole
-        batch, the MLM head (the H×V projection) only on the M masked rows."""
+        batch (its last layer, where supported, at the masked rows only), the MLM head (the H×V
+        projection) only on the M masked rows."""
         parts = masked_lm_parts(generator)
         masked_ids = apply_mask(mb.input_ids, mb.mask, self.mask_token_id)
-        hidden = parts.encoder(input_ids=masked_ids, **mb.model_kwargs())[0]
+        rows_only = masked_rows_only(parts.encoder, mb.mask, mb.attention_mask) if self.masked_rows_last_layer \
+            else contextlib.nullcontext()
+        with rows_only:
+            hidden = parts.encoder(input_ids=masked_ids, **mb.model_kwargs())[0]
         return parts.head(hidden[mb.mask])
 
     @torch.no_grad()

@@ -12,7 +12,9 @@
 Bad input stops at step 1 or 2 with one line, before DeepSpeed starts and before anything is
 written. metrics.json is written after every phase, so a run that ends early records how far it
 got and why: "interrupted" (a stop signal, Ctrl-C), "diverged" (a non-finite loss, gradient or
-parameter: the last checkpoint is the last finite one), or "failed" (any other error, a full disk).
+parameter: the last checkpoint is the last finite one), or "failed" (any other error; on a full
+disk too: the space the run directory kept aside, RunDir.keep_reserve, is freed for that write).
+When the run ends, however it ends, its lock is removed.
 Between the steps the run's callbacks (callbacks.py) may stop it: a stop signal, or a fault the
 recovery tests inject.
 """
@@ -31,7 +33,13 @@ from matekd_ds.assembly import run_engines
 from matekd_ds.callbacks import Callbacks, RunCallback
 from matekd_ds.config import RunConfig
 from matekd_ds.health import Diverged
-from matekd_ds.inputs import RunInputs, build_partitioned_models, estimated_output_bytes, prepare_inputs
+from matekd_ds.inputs import (
+    RunInputs,
+    build_partitioned_models,
+    checkpoint_layout,
+    estimated_output_bytes,
+    prepare_inputs,
+)
 from matekd_ds.kernels import backend_info
 from matekd_ds.monitor import Monitor, log, setup_logging
 from matekd_ds.phases import (
@@ -58,16 +66,33 @@ def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = Fa
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
     started = time.time()
     run, inputs = open_run(cfg, resume, hooks)
+    try:
+        metrics = _train_phases(run, inputs, hooks, resume, generator_only)
+        metrics.update(status="completed", wall_seconds=time.time() - started)
+        run.release_reserve()  # its space is the run's again: the end is recorded now
+        run.write_metrics(metrics)
+        refresh_cards(run)  # the exports' model cards, now with the final dev metrics
+        distributed.barrier()
+    finally:
+        run.unlock()
+    return metrics
+
+
+def _train_phases(run: RunDir, inputs: RunInputs, hooks: Callbacks, resume: bool,
+                  generator_only: bool) -> dict[str, Any]:
+    """Steps 5-7, with metrics.json after each; a run that ends early records why (record_end)."""
+    cfg = inputs.cfg
     setup_logging(run.logs / "train.log")
     log.info(f"task {inputs.data.spec.name}: {len(inputs.train)} train examples, "
              + ", ".join(f"{k} {len(v)}" for k, v in inputs.dev.items()) + f"; method {cfg.method}; "
              f"dtype {inputs.dtype}; {distributed.world_size()} rank(s); run directory {run.path}")
-    monitor = Monitor(run.logs, cfg.logging.csv, cfg.logging.tensorboard)
-    ctx = PhaseContext(inputs, run_engines(inputs), run, monitor, hooks, resume,
-                       previous=run.read_metrics() if resume else {})
     metrics = start_metrics(cfg, inputs.data.spec, inputs.dtype)
-    run.write_metrics(metrics)
+    monitor = None
     try:
+        monitor = Monitor(run.logs, cfg.logging.csv, cfg.logging.tensorboard)
+        ctx = PhaseContext(inputs, run_engines(inputs), run, monitor, hooks, resume,
+                           previous=run.read_metrics() if resume else {})
+        run.write_metrics(metrics)
         hooks.boundary("opened")
         teacher = teacher_phase(ctx)
         metrics.update(teacher_metrics(teacher))
@@ -81,15 +106,20 @@ def run_training(cfg: RunConfig, resume: bool = False, generator_only: bool = Fa
             student = student_phase(ctx, teacher.teacher, generator.generator)
             metrics.update(student_metrics(student, teacher))
     except BaseException as err:  # the checkpoints stay; say why the run ended, then re-raise
+        _close(monitor)
         record_end(run, metrics, err)
         raise
-    finally:
-        monitor.close()
-    metrics.update(status="completed", wall_seconds=time.time() - started)
-    run.write_metrics(metrics)
-    refresh_cards(run)  # the exports' model cards, now with the final dev metrics
-    distributed.barrier()
+    _close(monitor)
     return metrics
+
+
+def _close(monitor: Monitor | None) -> None:
+    """Best effort: on a full disk the scalar log's last lines are lost, not the run's outcome."""
+    try:
+        if monitor is not None:
+            monitor.close()
+    except OSError as err:
+        log.warning(f"could not finish the scalar log: {err.strerror or err}")
 
 
 def open_run(cfg: RunConfig, resume: bool, hooks: Callbacks) -> tuple[RunDir, RunInputs]:
@@ -106,7 +136,12 @@ def open_run(cfg: RunConfig, resume: bool, hooks: Callbacks) -> tuple[RunDir, Ru
     run.check_shared()
     inputs = build_partitioned_models(inputs)  # ZeRO-3 models, straight into their partitions
     run.lock()
-    run.open(cfg, resume, inputs.tokenizer)
+    try:
+        run.open(cfg, resume, inputs.tokenizer,
+                 checkpoint_layout(cfg, inputs.ds_configs, inputs.dtype, distributed.world_size()))
+    except BaseException:
+        run.unlock()
+        raise
     return run, inputs
 
 
@@ -123,12 +158,14 @@ def end_status(err: BaseException) -> str:
 
 
 def record_end(run: RunDir, metrics: dict[str, Any], err: BaseException) -> None:
-    """metrics.json says how and why the run ended early. Best effort: on a full or read-only
-    disk this write fails too, and the original error is the one to report."""
+    """metrics.json says how and why the run ended early, written into the space the run kept
+    aside, so a full disk is recorded too. Best effort: on a read-only disk this write fails as
+    well, and the original error is the one to report."""
+    run.release_reserve()
     try:
         run.write_metrics(dict(metrics, status=end_status(err), reason=f"{type(err).__name__}: {err}"))
-    except OSError:
-        pass
+    except OSError as write_error:
+        log.warning(f"could not record the run's end in {run.metrics_file}: {write_error.strerror or write_error}")
 
 
 def refresh_cards(run: RunDir) -> None:

@@ -9,7 +9,11 @@ the experiment runner and the quality scripts.
     generator_warm/        the generator after its MLM warm-up, when the run did one
     student/, student_best/  the exported student (save_pretrained + tokenizer)
     checkpoints/<phase>/   DeepSpeed checkpoints and loop state (checkpoint.py)
+    checkpoints/LAYOUT.json  the precision, ZeRO stages, offload and world size they were written with
     logs/                  train.log, scalars.csv, tensorboard/
+    .lock, .reserve        while a run is in it: its lock, and space kept for metrics.json on a full disk
+
+Every export carries a MANIFEST.json (size and CRC-32 of its files), checked when it is read back.
 
 Every file and folder is written durably (durable.py), by rank 0. A RunDir keeps in memory the
 config it was opened with, the last metrics it wrote and the robustness record, and renders the
@@ -19,6 +23,7 @@ back from disk.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -32,6 +37,7 @@ import torch
 import yaml
 
 from matekd_ds import distributed, model_card
+from matekd_ds.checkpoint import write_export_manifest
 from matekd_ds.config import RunConfig, config_from_dict, read_config_file
 from matekd_ds.data.tasks import task_spec
 from matekd_ds.durable import atomic_folder, write_atomic
@@ -41,6 +47,11 @@ from matekd_ds.partition import gathered_state_dict, is_partitioned
 # Keys whose change makes a checkpoint meaningless: a resume must keep them.
 RESUME_LOCKED = ("task", "method", "models", "data")
 LOCK = ".lock"  # held (flock) by the process that runs in the directory, for the life of the run
+# Space set aside while a run is in the directory: freed just before metrics.json records how the
+# run ended, so that a disk filled mid-run still gets "failed" and its reason written.
+RESERVE = ".reserve"
+RESERVE_BYTES = 1 << 20
+LAYOUT = "LAYOUT.json"  # in checkpoints/: what the checkpoints can only be resumed with
 
 
 def name_labels(module: torch.nn.Module, label_names: list[str] | None) -> None:
@@ -67,6 +78,7 @@ def export_model(module: torch.nn.Module, tokenizer, path: Path, label_names: li
         else:
             module.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_export_manifest(tmp)  # eval, predict and a resume check the files against it
         if card is not None:
             (tmp / model_card.CARD).write_text(card)  # fsync'ed with the folder
 
@@ -112,6 +124,14 @@ class RunDir:
 
     def checkpoints(self, phase: str) -> Path:
         return self.path / "checkpoints" / phase
+
+    @property
+    def layout_file(self) -> Path:
+        return self.path / "checkpoints" / LAYOUT
+
+    def has_checkpoints(self) -> bool:
+        """Whether any phase has a checkpoint (complete or not) on disk."""
+        return any(self.path.glob("checkpoints/*/trainer/step_*"))
 
     def is_run(self) -> bool:
         """A run directory with a finished student export (what `matekd eval RUN` scores)."""
@@ -194,7 +214,7 @@ class RunDir:
                 write_atomic(self.model_dir(name) / model_card.CARD, self._card(name))
 
     def _holds_files(self) -> bool:
-        return self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir())
+        return self.path.is_dir() and any(p.name not in (LOCK, RESERVE) for p in self.path.iterdir())
 
     def check(self, cfg: RunConfig, resume: bool) -> None:
         """Before anything is read or written: the path, --resume, and what is already there.
@@ -220,6 +240,28 @@ class RunDir:
                 f"output directory {self.path} already holds files; pass --resume to continue that run "
                 "or output.overwrite=true to move it aside"
             )
+
+    def check_layout(self, layout: dict[str, Any]) -> None:
+        """--resume, before anything is written: DeepSpeed's checkpoints load only into engines of
+        the precision, ZeRO stage, offload and world size that wrote them (`layout`, per
+        inputs.checkpoint_layout). A run that has no checkpoint yet may change them."""
+        if not self.has_checkpoints() or not self.layout_file.is_file():
+            return  # nothing to load, or written before layouts were recorded
+        try:
+            saved = json.loads(self.layout_file.read_text())
+        except (OSError, ValueError):
+            return  # damaged: the checkpoints' own verification and loading decide
+        for key, value in saved.items():
+            if layout.get(key) != value:
+                raise MatekdError(f"--resume: the checkpoints in {self.path} were written with {key} {value}, this "
+                                  f"run has {layout.get(key)}; a checkpoint resumes only with the precision, ZeRO "
+                                  "stage, offload and world size it was written with")
+
+    def _write_layout(self, layout: dict[str, Any] | None) -> None:
+        """Rank 0, at open: the layout of the checkpoints this run will write (unless some exist)."""
+        if layout is not None and not self.has_checkpoints():
+            self.layout_file.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.layout_file, json.dumps(layout, indent=1))
 
     def check_space(self, needed_bytes: int) -> None:
         """A fresh run's checkpoints and exports must fit on the output filesystem."""
@@ -264,23 +306,61 @@ class RunDir:
 
     def _try_lock(self) -> str | None:
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            return (f"output.dir {self.path} is in use by a running matekd ({holder}); "
-                    "wait for it or choose another output.dir")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
-        os.fsync(fd)
-        self._lock_fd = fd
-        return None
+        for _ in range(10):
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                return (f"output.dir {self.path} is in use by a running matekd ({holder}); "
+                        "wait for it or choose another output.dir")
+            if _same_file(fd, self.path / LOCK):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}".encode())
+                os.fsync(fd)
+                self._lock_fd = fd
+                return None
+            os.close(fd)  # its holder finished and removed it after we opened it: take the new file
+        return f"output.dir {self.path}: could not take its lock (.lock keeps being replaced)"
 
-    def open(self, cfg: RunConfig, resume: bool, tokenizer) -> None:
-        """Create (or, resuming, reuse) the directory; write config.yaml and the tokenizer; keep
-        `cfg` for the model cards. Collective: call after lock()."""
+    def unlock(self) -> None:
+        """The run has ended: remove its lock (and the space kept for metrics.json). Rank 0; the
+        lock file goes first, while it is still held, so no one can take a stale copy of it."""
+        if self._lock_fd is None:
+            return
+        self.release_reserve()
+        with contextlib.suppress(OSError):
+            (self.path / LOCK).unlink()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def keep_reserve(self) -> None:
+        """Set RESERVE_BYTES aside on the run's filesystem (rank 0; best effort: a disk already
+        that full fails at the next write anyway)."""
+        if not distributed.is_main():
+            return
+        try:
+            fd = os.open(self.path / RESERVE, os.O_WRONLY | os.O_CREAT, 0o644)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def release_reserve(self) -> None:
+        """Free the reserve, for the write that records how the run ended."""
+        if distributed.is_main():
+            with contextlib.suppress(OSError):
+                (self.path / RESERVE).unlink()
+
+    def open(self, cfg: RunConfig, resume: bool, tokenizer, layout: dict[str, Any] | None = None) -> None:
+        """Create (or, resuming, reuse) the directory; set space aside for metrics.json; write
+        config.yaml, the tokenizer and (before the first checkpoint) the checkpoints' `layout`;
+        keep `cfg` for the model cards. Collective: call after lock()."""
         if distributed.is_main():
             if not resume and self._holds_files():
                 # output.overwrite: never delete a user's trained model; move the old run aside
@@ -291,11 +371,15 @@ class RunDir:
                 held, self._lock_fd = self._lock_fd, None
                 problem = self._try_lock()
                 if held is not None:
+                    with contextlib.suppress(OSError):
+                        (aside / LOCK).unlink()  # the run moved aside has ended
                     os.close(held)
                 if problem:
                     raise MatekdError(problem)
+            self.keep_reserve()
             self.logs.mkdir(parents=True, exist_ok=True)
             write_atomic(self.config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._write_layout(layout)
             if not self.tokenizer_dir.exists():
                 with atomic_folder(self.tokenizer_dir) as tmp:
                     tokenizer.save_pretrained(tmp)
@@ -305,6 +389,15 @@ class RunDir:
         # Only rank 0 renders cards.
         self._robustness = self.read_robustness() if resume and distributed.is_main() else None
         distributed.barrier()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the one at `path` (not removed or replaced)."""
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -10,12 +10,12 @@ process group, and `matekd experiment` passes it on to its job as well).
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
 from matekd_ds import distributed
 from matekd_ds.callbacks import RunCallback, StepEnd
-from matekd_ds.monitor import log
 
 EXIT_CODE = 143  # 128 + SIGTERM, what schedulers expect of a job that stopped on request
 DUPLICATE_WINDOW_S = 2.0
@@ -44,7 +44,9 @@ def _on_signal(signum, frame) -> None:
             return  # the first stop, delivered twice
         raise KeyboardInterrupt  # a second stop: give up at once
     _requested, _requested_at = True, time.monotonic()
-    log.warning(f"{signal.Signals(signum).name} received: stopping at the next safe point")
+    # Straight to stderr, not through logging: the handler may run in the middle of an import, and
+    # logging's console handler imports (tqdm): a library half-imported then fails (RecursionError).
+    os.write(2, f"[matekd] {signal.Signals(signum).name} received: stopping at the next safe point\n".encode())
 
 
 def requested() -> bool:
@@ -58,10 +60,16 @@ def agreed(collective: bool = True) -> bool:
     return _requested
 
 
-def stop_here(where: str, collective: bool = True) -> None:
+CONTINUE = "continue with --resume"
+# Nothing was written: --resume would find nothing to resume, and the command as it was given
+# (with --resume when it resumed an earlier run, without it when it started one) is what works.
+START_AGAIN = "run the same command again"
+
+
+def stop_here(where: str, collective: bool = True, advice: str = CONTINUE) -> None:
     """Raise StopRequested if a stop was requested (on any rank)."""
     if agreed(collective):
-        raise StopRequested(f"stopped {where}; continue with --resume")
+        raise StopRequested(f"stopped {where}; {advice}")
 
 
 # Where a stop at each pipeline boundary leaves the run. "loaded" comes before the process group
@@ -75,7 +83,8 @@ class StopOnSignal(RunCallback):
     the next step on which every rank can agree (every step on one rank, logging steps on more)."""
 
     def on_boundary(self, point: str) -> None:
-        stop_here(_AT_BOUNDARY[point], collective=point != "loaded")
+        loaded = point == "loaded"
+        stop_here(_AT_BOUNDARY[point], collective=not loaded, advice=START_AGAIN if loaded else CONTINUE)
 
     def on_step_end(self, event: StepEnd) -> bool:
         if distributed.world_size() == 1:

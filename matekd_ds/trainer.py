@@ -132,8 +132,8 @@ class Trainer:
         try:
             self._run(batches, bar)
         except Diverged as err:
-            tag = self.checkpointer.latest_tag()
-            where = f"{self.checkpointer.root}/{tag}" if tag else "none (it diverged before the first one)"
+            tag = self.checkpointer.latest_tag()  # saves check first: the newest is the last finite one
+            where = self.checkpointer.folder(tag) if tag else "none (it diverged before the first one)"
             raise Diverged(err.step, f"{err}; the last finite checkpoint: {where}") from None
         finally:
             bar.close()

@@ -1,8 +1,9 @@
 """Checkpoints are verified before they are trusted and never executed (in-process, tiny engines).
 
 Every kind of damage a crash, a full disk or a bad copy can do to the newest checkpoint makes the
-resume skip it (one warning line naming it) and load the previous one; a pickle payload planted
-in any checkpoint file, even with a manifest forged to match it, is refused and never runs."""
+resume skip it (one warning line naming it) and load the previous one, damage the manifest does
+not cover too; a pickle payload planted in any checkpoint file, even with a manifest forged to
+match it, is refused and never runs, and the resume falls back in the same way."""
 
 from __future__ import annotations
 
@@ -15,8 +16,7 @@ import pytest
 import torch
 from helpers import param_tensors, tiny_batch, tiny_matekd, tiny_tokenizer
 
-from matekd_ds.checkpoint import MANIFEST, TRAINER, Checkpointer, crc32_of, tag_of
-from matekd_ds.errors import MatekdError
+from matekd_ds.checkpoint import MANIFEST, TRAINER, Checkpointer, CheckpointUnusable, crc32_of, tag_of
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,16 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _unlisted_and_truncated(root: Path, pattern: str) -> None:
+    """Damage the manifest cannot see: the file truncated and its entry removed."""
+    victim = _newest(root, pattern)
+    _truncate(victim)
+    path = root / "checkpoints" / TRAINER / tag_of(2) / MANIFEST
+    manifest = json.loads(path.read_text())
+    del manifest["files"][str(victim.relative_to(root / "checkpoints"))]
+    path.write_text(json.dumps(manifest))
+
+
 DAMAGE = {
     "truncated model file": lambda root: _truncate(_newest(root, "mp_rank_00_model_states.pt")),
     "flipped byte in the optimizer states": lambda root: _flip_a_byte(_newest(root, "*optim_states.pt")),
@@ -83,6 +93,10 @@ DAMAGE = {
     "LATEST names a missing tag": lambda root: (root / "checkpoints" / "LATEST").write_text(tag_of(99)),
     "empty LATEST": lambda root: (root / "checkpoints" / "LATEST").write_text(""),
     "interrupted save (no manifest)": lambda root: (root / "checkpoints" / TRAINER / tag_of(2) / MANIFEST).unlink(),
+    "truncated model file left out of the manifest":
+        lambda root: _unlisted_and_truncated(root, "mp_rank_00_model_states.pt"),
+    "truncated optimizer states left out of the manifest":
+        lambda root: _unlisted_and_truncated(root, "*optim_states.pt"),
 }
 
 
@@ -101,11 +115,11 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, t
         assert len(warnings) == 1 and tag_of(2) in warnings[0] and "skipped" in warnings[0]
 
 
-def test_no_verified_checkpoint_is_a_one_line_error(tmp_path, tokenizer_and_examples):
+def test_no_usable_checkpoint_is_a_one_line_error(tmp_path, tokenizer_and_examples):
     method, checkpointer, _ = trained_with_checkpoints(tmp_path, tokenizer_and_examples)
     for step in (1, 2):
         _flip_a_byte(sorted((tmp_path / "checkpoints" / "student" / tag_of(step)).glob("*model_states.pt"))[0])
-    with pytest.raises(MatekdError, match="passed verification") as err:
+    with pytest.raises(CheckpointUnusable, match="could be used") as err:  # a failed run (exit 1), not bad input
         checkpointer.load(method.engines)
     assert "\n" not in str(err.value)
 
@@ -135,15 +149,18 @@ def _forge_manifest(root: Path, changed: Path) -> None:
 
 
 @pytest.mark.parametrize("target", ["mp_rank_00_model_states.pt", "*optim_states.pt", "rng_rank0.pt"])
-def test_a_planted_pickle_payload_never_runs(tmp_path, tokenizer_and_examples, target):
-    method, checkpointer, _ = trained_with_checkpoints(tmp_path, tokenizer_and_examples)
+def test_a_planted_pickle_payload_never_runs(tmp_path, tokenizer_and_examples, target, caplog):
+    method, checkpointer, saved = trained_with_checkpoints(tmp_path, tokenizer_and_examples)
     marker = tmp_path / "PWNED"
     victim = _newest(tmp_path, target)
     torch.save({"module": Payload(marker), "payload": Payload(marker)}, victim)
     _forge_manifest(tmp_path, victim)  # the attacker rewrote the manifest too: it verifies
     assert checkpointer.verify(["student", "generator"], tag_of(2)) is None
-    with pytest.raises(MatekdError) as err:
-        checkpointer.load(method.engines)
+    with caplog.at_level(logging.WARNING, logger="matekd"):
+        state = checkpointer.load(method.engines)
     assert not marker.exists(), "the planted payload ran"
-    message = str(err.value)
-    assert "\n" not in message and "refused" in message and victim.name in message
+    # refused like any checkpoint that fails to load: the previous one is used
+    assert state == {"step": 1}
+    assert_student_is(method, saved[1])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "refused" in warnings[0] and victim.name in warnings[0], warnings

@@ -50,6 +50,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
     ma, mb = metrics(a), metrics(b)
     assert ma["status"] == mb["status"] == "completed"
+    assert not (a / ".lock").exists() and not (b / ".lock").exists()  # a finished run leaves no lock
     assert ma["evaluations"] == mb["evaluations"] and ma["teacher"]["dev"] == mb["teacher"]["dev"]
 
 
@@ -111,7 +112,7 @@ def test_sigterm_while_loading_writes_nothing(tmp_path):
     out = tmp_path / "run"
     result = train(out, env={"MATEKD_FAULT_AT": "loaded:sigterm"})
     assert result.returncode == 143, result.stderr[-3000:]
-    assert "stopped before the run started (nothing was written)" in result.stderr
+    assert "stopped before the run started (nothing was written); run the same command again" in result.stderr
     assert not out.exists()
 
 
@@ -136,7 +137,8 @@ def test_non_finite_training_stops_as_diverged_and_exports_nothing_non_finite(tm
     out = tmp_path / "run"
     result = train(out, env={"MATEKD_NAN_AFTER_STEP": "5"})  # the student's weights turn NaN after step 5
     assert_one_line_error(result, "training diverged at step", code=1)
-    assert "last finite checkpoint" in result.stderr
+    line = next(text for text in result.stderr.splitlines() if text.startswith("matekd: error: "))
+    assert Path(line.rsplit("the last finite checkpoint: ", 1)[1]).is_dir(), line  # a folder that exists
     m = metrics(out)
     assert m["status"] == "diverged" and "diverged" in m["reason"]
     assert not (out / "student").exists()

@@ -39,21 +39,36 @@ class SweepStopped(Exception):
         self.exit_code = 128 + signum
 
 
+class _Job:
+    """The job's process once it is started, and the stop signals the runner received for it."""
+
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.received: list[int] = []
+
+    def pass_on(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def started(self, process: subprocess.Popen) -> None:
+        """A stop that came while the job was being forked reaches it now."""
+        self.process = process
+        for signum in self.received:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+
 @contextmanager
-def _stops_passed_on_to(process: subprocess.Popen):
+def _stops_passed_on():
     """While a job runs, SIGTERM or SIGINT to the runner (kill, a scheduler, Ctrl-C) goes on to
     the job, which checkpoints at its next safe point and exits; the runner keeps logging until it
-    has, then stops the sweep. Yields a list that holds the signals received."""
-    received: list[int] = []
-
-    def pass_on(signum, frame) -> None:
-        received.append(signum)
-        if process.poll() is None:
-            process.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+    has, then stops the sweep. The handlers go in before the job is forked, so no stop falls
+    between the two. Yields the _Job to hand the process to."""
+    job = _Job()
+    previous = {sig: signal.signal(sig, job.pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield received
+        yield job
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -69,20 +84,21 @@ def execute(run: Run, launcher: str | None) -> tuple[int, str]:
     config_path = configs / f"{run.name}.yaml"
     config_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
     last_error = ""
-    with open(logs / f"{run.name}.log", "a", buffering=1) as log_file:  # line by line: tail -f works
+    # the log line by line: tail -f works
+    with open(logs / f"{run.name}.log", "a", buffering=1) as log_file, _stops_passed_on() as job:
         process = subprocess.Popen(_command(run, config_path, launcher), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
+        job.started(process)
         assert process.stdout is not None
-        with _stops_passed_on_to(process) as received:
-            for line in process.stdout:
-                log_file.write(line)
-                if any(marker in line for marker in ECHO_MARKERS):
-                    print(f"    {line.rstrip()}", flush=True)
-                if line.startswith("matekd: error") or "Error" in line:
-                    last_error = line.strip()
-            rc = process.wait()
-    if received:
-        raise SweepStopped(received[0], run.label)
+        for line in process.stdout:
+            log_file.write(line)
+            if any(marker in line for marker in ECHO_MARKERS):
+                print(f"    {line.rstrip()}", flush=True)
+            if line.startswith("matekd: error") or "Error" in line:
+                last_error = line.strip()
+        rc = process.wait()
+    if job.received:
+        raise SweepStopped(job.received[0], run.label)
     return rc, last_error
 
 

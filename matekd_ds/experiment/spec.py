@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +10,6 @@ from matekd_ds.errors import MatekdError
 
 SPEC_KEYS = {"output_dir", "report_dir", "tasks", "methods", "seeds", "base", "method_overrides", "teacher",
              "generator", "transfer_sizes"}
-
-
-def _expand_env(value: Any, path: str | Path) -> Any:
-    """${VAR} in any string of the spec (model paths differ between machines)."""
-    if isinstance(value, dict):
-        return {k: _expand_env(v, path) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v, path) for v in value]
-    if isinstance(value, str) and "$" in value:
-        expanded = os.path.expandvars(value)
-        if "$" in expanded:
-            raise MatekdError(f"experiment spec {path}: environment variable in '{value}' is not set")
-        return expanded
-    return value
 
 
 def _read_extended(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -46,7 +31,7 @@ def _read_extended(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:
-    spec = _expand_env(_read_extended(Path(path)), path)
+    spec = _read_extended(Path(path))  # read_config_file expanded ${VAR}s
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise MatekdError(f"experiment spec {path}: unknown key '{min(unknown)}' "

@@ -58,3 +58,14 @@ def frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def autocast_to(dtype: torch.dtype | None, device_type: str) -> Iterator[None]:
+    """Inside the block, eligible ops (matmuls) run in `dtype` (None: as they are): for the
+    forwards of frozen models that need no gradient (train.frozen_forward_dtype)."""
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=device_type, dtype=dtype):
+        yield

@@ -16,7 +16,7 @@ import torch
 
 from matekd_ds.data.batching import doubled, model_inputs
 from matekd_ds.losses import divergence, task_loss
-from matekd_ds.methods.base import frozen
+from matekd_ds.methods.base import autocast_to, frozen
 from matekd_ds.partition import release_backward_leftovers
 from matekd_ds.perturb import Perturber, soft_embeddings
 from matekd_ds.teacher import Teacher
@@ -44,12 +44,13 @@ class MateKD:
 
     def __init__(self, student_engine, generator_engine, teacher: Teacher, perturber: Perturber, *,
                  regression: bool, temperature: float, loss_weights: list[float],
-                 generator_steps: int, student_steps: int):
+                 generator_steps: int, student_steps: int, frozen_dtype: torch.dtype | None = None):
         self.student, self.generator, self.teacher = student_engine, generator_engine, teacher
         self.perturber = perturber
         self.regression, self.temperature = regression, temperature
         self.weights = loss_weights
         self.generator_steps, self.student_steps = generator_steps, student_steps
+        self.frozen_dtype = frozen_dtype  # the student step's no-grad forwards under autocast (None: off)
 
     @property
     def engines(self) -> dict:
@@ -93,10 +94,12 @@ class MateKD:
 
     def student_micro_step(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         mb = self.perturber.mask_batch(batch, seed)
-        perturbed_ids = self.perturber.sample_perturbed_ids(self.generator.module, mb, seed + 1)
-        with torch.no_grad():
+        with torch.no_grad(), autocast_to(self.frozen_dtype, batch["input_ids"].device.type):
+            perturbed_ids = self.perturber.sample_perturbed_ids(self.generator.module, mb, seed + 1)
             teacher_clean = self.teacher.clean_logits(batch)
             teacher_perturbed = self.teacher.logits(**dict(model_inputs(batch), input_ids=perturbed_ids))
+        if self.frozen_dtype is not None:  # the losses in the student's precision
+            teacher_clean, teacher_perturbed = teacher_clean.float(), teacher_perturbed.float()
         # one student forward over clean ⊕ perturbed
         student_clean, student_perturbed = self.student(**doubled(batch, perturbed_ids)).logits.chunk(2)
         ce = task_loss(student_clean, batch["labels"], self.regression)
