@@ -28,8 +28,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.9,<3.10"],
-        "test": ["pytest>=8", "triton>=3.9,<3.10", "scipy", "ruff==0.17.6"],
+        "test": ["pytest>=8", "triton>=3.9,<3.10", "scipy", "ruff==0.17.6", "onnx>=1.16", "onnxruntime>=1.18"],
         "bench": ["matplotlib"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],  # `matekd export --onnx`
     },
     entry_points={"console_scripts": ["matekd=matekd_ds.cli:main"]},
 )

@@ -1,13 +1,17 @@
-"""`matekd train|warmup-generator|experiment|eval|predict`: one-line errors and a non-zero exit
-for bad input, never a traceback."""
+"""`matekd train|warmup-generator|experiment|eval|predict|export`: one-line errors and a non-zero
+exit for bad input, never a traceback. stdout holds only what a script parses (results, the
+end-of-run summary); logs, warnings and progress bars go to stderr. Nothing heavy is imported
+before the command line has parsed: a mistyped option fails at once."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
+import select
 import signal
 import sys
 from pathlib import Path
@@ -81,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a model (or a run directory's student) on its dev sets or any labeled data")
     _model_arguments(ev)
     ev.add_argument("--data", nargs="+", action="extend", metavar="SOURCE",
-                    help="labeled data to score instead of the dev sets: .tsv/.csv/.jsonl/.json files, a GLUE "
-                         "folder (dev split only is enough), hub:DATASET[:CONFIG]:SPLIT; several give one table")
+                    help="labeled data to score instead of the dev sets: .tsv/.csv/.jsonl/.json/.parquet files "
+                         "(FILE.json:KEY: the rows under KEY), a folder saved by datasets' save_to_disk "
+                         "(FOLDER:SPLIT), a GLUE folder (dev split only is enough), hub:DATASET[:CONFIG]:SPLIT; "
+                         "several give one table")
     ev.add_argument("--max-examples", type=int, help="score the first N examples of each data set (default: all)")
     ev.add_argument("--label-column", help="the label column of --data files (default: the run's, or the task's)")
     ev.add_argument("--json", action="store_true", help="print the results as JSON (stdout holds nothing else)")
@@ -94,13 +100,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--teacher", help="--perturbed: the teacher to compare with (default: the run's, if any)")
     ev.add_argument("--mask-prob", type=float, help="--perturbed: fraction of tokens rewritten (default: the run's)")
     ev.add_argument("--seed", type=int, default=0, help="--perturbed: the perturbation's seed (default 0)")
+    ev.add_argument("--latency", action="store_true",
+                    help="also measure CPU inference latency (p50/p90 at batch 1 and 32), throughput, size and "
+                         "the speed-up over the run's teacher on this machine, as metrics.json 'deployment'")
+    ev.add_argument("--record", action="store_true",
+                    help="--perturbed --max-examples: record the subset's robustness in the run (robustness.json, "
+                         "model cards) even over full-set numbers (default: only when there are none)")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task=sst2 data.path=DIR")
 
     pr = sub.add_parser("predict", help="label a file (or write GLUE test submission files) with a model")
     _model_arguments(pr)
     what = pr.add_mutually_exclusive_group(required=True)
-    what.add_argument("--data", metavar="SOURCE", help="the rows to label: .tsv/.csv/.jsonl/.json, or hub:...; "
-                                                       "a label column, if any, is ignored")
+    what.add_argument("--data", metavar="SOURCE", help="the rows to label: .tsv/.csv/.jsonl/.json/.parquet "
+                                                       "(FILE.json:KEY), a save_to_disk folder (FOLDER:SPLIT), or "
+                                                       "hub:...; a label column, if any, is ignored")
     what.add_argument("--glue-test", metavar="DIR", help="a GLUE-format folder: write the GLUE leaderboard files "
                                                          "of the model's task from its test split(s) into --out DIR")
     pr.add_argument("--out", required=True,
@@ -108,7 +121,19 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--id-column",
                     help="the column naming each row (default: id, idx, index or guid, else the row number)")
     pr.add_argument("--json", action="store_true", help="print a JSON summary (stdout holds nothing else)")
+    pr.add_argument("--force", action="store_true",
+                    help="--glue-test: write from test files with fewer (or more) rows than GLUE's test sets "
+                         "(a deliberate subset; their columns are still checked)")
     pr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task=sst2")
+
+    ex = sub.add_parser("export", help="export a run's student (or any model of a run) for serving: --onnx")
+    _model_arguments(ex)
+    ex.add_argument("--onnx", action="store_true",
+                    help="ONNX (opset 17, dynamic batch and length), kept only if onnxruntime's logits equal "
+                         "PyTorch's within 1e-4 on the dev sets")
+    ex.add_argument("--out", help="the folder to write (default: RUN/onnx, or MODEL-onnx beside a model folder)")
+    ex.add_argument("--max-examples", type=int, help="check on the first N examples of each dev set (default: all)")
+    ex.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task=sst2 data.path=DIR")
     return parser
 
 
@@ -118,6 +143,25 @@ def _model_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", help="run config giving the task and columns (default: the run's)")
     command.add_argument("--text-columns", type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
                          help="comma-separated text columns of the data (default: the run's, or the task's)")
+    command.add_argument("--no-header", action="store_true",
+                         help="the CSV/TSV file has no header line: give columns by number from 0 "
+                              "(--text-columns 0 --label-column 1)")
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with `key=value` overrides anywhere in it (`train --resume train.lr=1e-4`,
+    `eval RUN --json task=sst2`): argparse alone takes positionals only before the first option."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [token for token in extra if not _OVERRIDE.match(token)]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _one_line(err: BaseException) -> str:
@@ -202,11 +246,67 @@ def _command_in(argv: list[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
+# ---------------------------------------------------------------------------------------------
+# Library logs on stderr. DeepSpeed's logger writes to stdout: the StreamHandler it adds when it
+# is first imported is bound to sys.stdout, and its first words on a CPU machine are a WARNING.
+# Its logger is made here first, of a class that turns any console handler added to it to stderr.
+
+LIBRARY_LOGGERS = ("DeepSpeed",)
+
+
+class _StderrNow:
+    """sys.stderr as it is at each write (the terminal, a test's capture), not at the handler's making."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _to_stderr(handler: logging.Handler) -> None:
+    if type(handler) is logging.StreamHandler:  # a console handler (not a file's)
+        handler.setStream(_StderrNow())
+
+
+class _StderrLogger(logging.Logger):
+    def addHandler(self, handler: logging.Handler) -> None:
+        _to_stderr(handler)
+        super().addHandler(handler)
+
+
+def _library_logs_to_stderr() -> None:
+    """Cheap (no library is imported): a logger made already (the library imported before main(),
+    as in a test process) gets its handlers turned now; one not made yet is made of _StderrLogger."""
+    for name in LIBRARY_LOGGERS:
+        existing = logging.Logger.manager.loggerDict.get(name)
+        if isinstance(existing, logging.Logger):
+            for handler in existing.handlers:
+                _to_stderr(handler)
+            continue
+        default = logging.getLoggerClass()
+        logging.setLoggerClass(_StderrLogger)
+        try:
+            logging.getLogger(name)
+        finally:
+            logging.setLoggerClass(default)
+
+
 def main(argv: list[str] | None = None) -> int:
     replaced = _stop_quietly_until_handled()  # first, before any heavy import
+    _library_logs_to_stderr()
     code, command = EXIT_FAILED, _command_in(sys.argv[1:] if argv is None else argv)
+    finished = False
     try:
-        code = _run(_parser().parse_args(argv))
+        code = _run(_parse(argv))
+        finished = True
+        sys.stdout.flush()  # a reader that left (`matekd ... | head`) shows here, not at interpreter exit
+    except BrokenPipeError as err:
+        if _stdout_reader_left():
+            _quiet_stdout()
+            code = code if finished else 0  # the output was being printed: the work was done
+        else:
+            code = _write_error(err)  # another pipe
     except StoppedBeforeHandled as stop:
         print(_stopped_line(stop, command), file=sys.stderr)
         code = 128 + stop.signum
@@ -225,14 +325,36 @@ def main(argv: list[str] | None = None) -> int:
         print("matekd: interrupted", file=sys.stderr)
         code = 130
     except OSError as err:  # a full or read-only disk while writing: the last checkpoint is intact
-        what = err.strerror or _one_line(err)
-        where = f" {err.filename}" if getattr(err, "filename", None) else ""
-        print(f"matekd: error: could not write{where}: {what}", file=sys.stderr)
-        code = EXIT_FAILED
+        code = _write_error(err)
     finally:
         _leave_process_group(code)
         _restore(replaced)
     return code
+
+
+def _write_error(err: OSError) -> int:
+    what = err.strerror or _one_line(err)
+    where = f" {err.filename}" if getattr(err, "filename", None) else ""
+    print(f"matekd: error: could not write{where}: {what}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _quiet_stdout() -> None:
+    """`matekd ... | head`: the reader took what it wanted; no error. As the Python docs advise,
+    stdout goes to /dev/null so that no later flush (at exit) fails again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _is_collective_failure(err: BaseException) -> bool:
@@ -263,6 +385,8 @@ def _run(args) -> int:
         return experiment.main(args.spec, dry_run=args.dry_run, launcher=args.launcher, report_only=args.report_only)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "export":
+        return _export(args)
     return _eval(args)
 
 
@@ -273,6 +397,9 @@ def _train(args) -> int:
 
     signals.install()  # from here to exit: a SIGTERM while loading stops cleanly too
     _stop_if_noted()  # one that came while the modules above were imported
+    from matekd_ds.data.tasks import with_inferred_task
+
+    args.overrides = with_inferred_task(args.config, args.overrides)  # data.path=../SST-2 without task=
     config_path = run_config_path(args.config, args.overrides)
     cfg = load_config(config_path, args.overrides)
     generator_only = args.command == "warmup-generator"
@@ -315,14 +442,15 @@ def _split_overrides(args) -> None:
 
 
 @contextlib.contextmanager
-def _results_only_on_stdout():
+def _results_only_on_stdout(progress: str | None = None):
     """While eval/predict work, anything printed (DeepSpeed's import-time warning, library output,
-    even from C) goes to stderr: stdout carries the results alone."""
+    even from C) goes to stderr: stdout carries the results alone. `progress`: the label of the
+    progress bars (on stderr) of the scoring loops (evaluation.progress_bars)."""
     sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(sys.stderr), _progress_bars(progress):
             yield
     finally:
         sys.stdout.flush()
@@ -330,45 +458,81 @@ def _results_only_on_stdout():
         os.close(saved)
 
 
+def _progress_bars(label: str | None):
+    if label is None:
+        return contextlib.nullcontext()
+    from matekd_ds.evaluation import progress_bars  # torch: imported with stdout on stderr already
+
+    return progress_bars(label)
+
+
 def _eval(args) -> int:
     _split_overrides(args)
-    with _results_only_on_stdout():
+    with _results_only_on_stdout(progress="eval"):
         from matekd_ds import evaluation_cli as ev
         from matekd_ds.durable import write_atomic
 
         _take_over_stops()
         request = ev.EvalRequest(
             args.model, args.config, args.overrides,
-            ev.DataOptions(args.data or [], args.text_columns, args.label_column), args.max_examples,
-            ev.RobustnessOptions(args.perturbed, args.generator, args.teacher, args.seed, args.mask_prob))
+            ev.DataOptions(args.data or [], args.text_columns, args.label_column, args.no_header), args.max_examples,
+            ev.RobustnessOptions(args.perturbed, args.generator, args.teacher, args.seed, args.mask_prob,
+                                 args.record))
         if args.output:
             from matekd_ds.predict import check_output_path
             check_output_path(Path(args.output), suffixes=(), flag="--output")
         results = ev.evaluate_target(request)
+        if results is not None and args.latency:  # rank 0
+            from matekd_ds import deployment
+            results["deployment"] = deployment.for_eval_target(args.model, args.config, args.overrides)
         text = json.dumps(results, indent=2) if results is not None else ""
         if results is not None and args.output:  # rank 0
             write_atomic(Path(args.output), text + "\n")
     if results is not None:
-        print(text if args.json else ev.format_results(results))
+        print(text if args.json else _eval_table(ev.format_results(results), results))
     return 0
 
 
+def _eval_table(table: str, results: dict) -> str:
+    """The results table, then (--latency) the deployment numbers."""
+    if "deployment" not in results:
+        return table
+    from matekd_ds import deployment
+
+    return "\n".join([table, "", *deployment.format_lines(results["deployment"])])
+
+
 def _predict(args) -> int:
-    with _results_only_on_stdout():
+    with _results_only_on_stdout(progress="predict"):
         from matekd_ds import evaluation_cli  # noqa: F401 - the heavy imports, before stops end the command at once
 
         _take_over_stops()
         if args.glue_test:
             from matekd_ds.glue_submission import SubmissionRequest, write_submission
             summary = write_submission(SubmissionRequest(args.model, Path(args.glue_test), Path(args.out), args.config,
-                                                         args.overrides))
+                                                         args.overrides, force=args.force))
         else:
+            if args.force:
+                raise MatekdError("--force is for --glue-test (test files of another size than GLUE's)")
             from matekd_ds.predict import PredictRequest, predict_file
             summary = predict_file(PredictRequest(args.model, args.data, Path(args.out), args.config, args.overrides,
-                                                  args.text_columns, args.id_column))
+                                                  args.text_columns, args.id_column, args.no_header))
         from matekd_ds.predict import summary_line
     if summary is not None:  # rank 0
         print(json.dumps(summary, indent=2) if args.json else summary_line(summary))
+    return 0
+
+
+def _export(args) -> int:
+    if not args.onnx:
+        raise MatekdError("export: name a format: --onnx (the one supported)")
+    with _results_only_on_stdout():
+        from matekd_ds import onnx_export
+
+        _take_over_stops()
+        summary = onnx_export.export_target(onnx_export.ExportRequest(
+            args.model, args.out, args.config, args.overrides, args.max_examples))
+    print(onnx_export.summary_line(summary))
     return 0
 
 

@@ -45,6 +45,8 @@ class DataConfig:
     dev_file: str | None = None
     text_columns: list[str] = field(default_factory=lambda: ["text"])
     label_column: str = "label"
+    # CSV/TSV files without a header line: text_columns and label_column are 0-based numbers.
+    no_header: bool = False
     label_names: list[str] | None = None
     regression: bool = False
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
@@ -154,6 +156,11 @@ class EvalConfig:
     every_steps: int = 200  # 0 = only at the end
     batch_size: int = 64  # per rank
     save_best: bool = True
+    # metrics.json "deployment" (deployment.py): student and teacher CPU latency at batch 1 and
+    # 32 and the run's max length, timed after training by rank 0 (false: sizes only)
+    deployment_latency: bool = True
+    latency_warmup: int = 3  # untimed forwards first
+    latency_iterations: int = 20  # timed forwards per model and batch size (p50, p90)
 
 
 @dataclass
@@ -430,6 +437,8 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
         _check(value is None or value > 0, f"data.{key} must be > 0, got {value}")
     _check(cfg.eval.every_steps >= 0, "eval.every_steps must be >= 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size must be >= 1")
+    _check(cfg.eval.latency_warmup >= 0, f"eval.latency_warmup must be >= 0, got {cfg.eval.latency_warmup}")
+    _check(cfg.eval.latency_iterations >= 1, f"eval.latency_iterations must be >= 1, got {cfg.eval.latency_iterations}")
     _check(cfg.output.checkpoint_every >= 0, "output.checkpoint_every must be >= 0")
     _check(cfg.output.keep_checkpoints >= 1, "output.keep_checkpoints must be >= 1")
     _check(cfg.logging.log_every >= 1, "logging.log_every must be >= 1")
@@ -441,13 +450,20 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
     _check(0.0 <= cfg.models.teacher_finetune_warmup_ratio < 1.0,
            f"models.teacher_finetune_warmup_ratio must be in [0, 1), got {cfg.models.teacher_finetune_warmup_ratio}")
     _check(bool(cfg.output.dir), "output.dir must not be empty")
+    if cfg.data.no_header and cfg.task == "custom":
+        named = [c for c in (*cfg.data.text_columns, cfg.data.label_column) if not str(c).isdigit()]
+        _check(not named, f"data.no_header: name the columns by number from 0 (data.text_columns=[0] "
+                          f"data.label_column=1), not {named[0] if named else ''!r}")
     if cfg.task == "custom" and for_training:
         _check(bool(cfg.data.train_file), "task: custom needs data.train_file")
         _check(bool(cfg.data.dev_file), "task: custom needs data.dev_file")
     if cfg.task != "custom" and for_training:
         # training would read the task's own data and drop these without a word
         source = "the built-in offline data" if cfg.task == "synthetic" else "its GLUE folder, data.path"
-        for key in ("train_file", "dev_file"):
+        for key in ("train_file", "dev_file", "no_header"):
             _check(not getattr(cfg.data, key),
                    f"data.{key} is read only by task: custom; task {cfg.task} trains on {source}")
+    if cfg.task in ("synthetic", "custom") and for_training:
+        _check(not cfg.data.path, f"data.path is a GLUE task's folder; task {cfg.task} does not read it "
+                                  "(give task=sst2, mnli, ... for GLUE data)")
 

@@ -63,17 +63,35 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def looks_like_a_path(target: str) -> bool:
+    """A local path rather than a hub id (`org/name`): absolute or relative (`/`, `.`, `~`),
+    deeper than org/name, or inside a folder that exists here (`runs/typo`)."""
+    parent = Path(target).expanduser().parent
+    return target.startswith(("/", ".", "~")) or target.count("/") > 1 or (parent != Path(".") and parent.is_dir())
+
+
+def unfinished_run_line(run: RunDir, target: str) -> str:
+    """Why a run directory has no student to score, and how to finish it."""
+    status = run.status() or "no metrics.json"
+    if status == "completed":
+        return f"{target} is a completed run whose student/ export is missing"
+    best = f"; its best student so far: {run.model_dir('student_best')}" if run.has_model("student_best") else ""
+    unless_live = " (unless it is still training)" if status == "running" else ""
+    return (f"{target} is an unfinished run without a student export yet (status: {status}); finish it{unless_live} "
+            f"with `matekd train --resume --config {run.config_file} output.dir={target}`{best}")
+
+
 def resolve_target(target: str) -> Target:
     """A run directory means its student/; a model folder inside a run directory means that
     model in that run's terms; anything else is a model on its own."""
     path = Path(target)
+    if not path.expanduser().exists() and looks_like_a_path(target):
+        raise MatekdError(f"no such run or model directory: {target}")  # not "cannot reach the hub"
     run = RunDir(path)
     if run.is_run():
         return Target(str(run.model_dir("student")), run, True)
     if run.config_file.is_file():
-        status = run.status() or "no metrics.json"
-        best = f"; its best student so far: {run.model_dir('student_best')}" if run.has_model("student_best") else ""
-        raise MatekdError(f"{target} is a run directory without a student export yet (status: {status}){best}")
+        raise MatekdError(unfinished_run_line(run, target))
     parent = RunDir(path.parent)
     if (path / "config.json").is_file() and parent.config_file.is_file():
         return Target(target, parent, False)
@@ -174,22 +192,49 @@ class DataOptions:
     sources: list[str] = field(default_factory=list)  # --data: files, folders, hub:... splits
     text_columns: list[str] | None = None
     label_column: str | None = None
+    no_header: bool = False  # CSV/TSV files without a header line: columns by number
 
 
-def labeled_sets(cfg: RunConfig, spec: TaskSpec, options: DataOptions,
-                 overrides: list[str]) -> dict[str, list[Example]]:
-    """{name: examples}: the --data sources, else `data.dev_file=` of the command line, else the
-    task's dev sets; each limited to data.max_eval_examples when one was asked for."""
+def reads_headerless(cfg: RunConfig, no_header: bool, text_columns: list[str] | None) -> bool:
+    """--no-header; or a run trained on headerless files (data.no_header) and its own numbered
+    columns, when no other columns are named."""
+    return no_header or (cfg.task == "custom" and cfg.data.no_header and not text_columns)
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """The labeled sets to score, and each one's size before data.max_eval_examples cut it."""
+
+    examples: dict[str, list[Example]]
+    whole_sizes: dict[str, int]
+
+    @property
+    def whole(self) -> bool:
+        return all(len(rows) == self.whole_sizes[name] for name, rows in self.examples.items())
+
+
+def eval_sets(cfg: RunConfig, spec: TaskSpec, options: DataOptions, overrides: list[str]) -> EvalSets:
+    """The --data sources, else `data.dev_file=` of the command line, else the task's dev sets;
+    each limited to data.max_eval_examples when one was asked for."""
     sources = list(options.sources)
     if not sources and cfg.data.dev_file and "dev_file" in _explicit_keys(overrides).get("data", {}):
         sources = [cfg.data.dev_file]  # `matekd eval RUN data.dev_file=F`, whatever the task
     if sources:
         choices = column_choices(spec, run_columns(cfg, spec), options.text_columns, options.label_column)
-        sets = {rows.name: rows.examples for source in sources for rows in read_source(source, spec, choices, True)}
+        no_header = reads_headerless(cfg, options.no_header, options.text_columns)
+        sets = {rows.name: rows.examples for source in sources
+                for rows in read_source(source, spec, choices, True, no_header=no_header)}
     else:
         sets = load_dev_sets(cfg)
     limit = cfg.data.max_eval_examples
-    return {name: examples[:limit] if limit else examples for name, examples in sets.items()}
+    return EvalSets({name: examples[:limit] if limit else examples for name, examples in sets.items()},
+                    {name: len(examples) for name, examples in sets.items()})
+
+
+def labeled_sets(cfg: RunConfig, spec: TaskSpec, options: DataOptions,
+                 overrides: list[str]) -> dict[str, list[Example]]:
+    """{name: examples}: eval_sets' examples."""
+    return eval_sets(cfg, spec, options, overrides).examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +248,7 @@ class RobustnessOptions:
     teacher: str | None = None
     seed: int = 0
     mask_prob: float | None = None  # None: the run's matekd.mask_prob
+    record: bool = False  # record a subset's numbers in the run even over whole-set ones
 
 
 def _generator(target: Target, cfg: RunConfig, options: RobustnessOptions, tokenizer, seed: int
@@ -298,9 +344,9 @@ def evaluate_target(request: EvalRequest) -> dict[str, Any] | None:
     """The results (rank 0; None elsewhere): per data set its size, metrics and, for
     classification, confusion matrix and per-class scores; with --perturbed, robustness."""
     loaded = load_target(request.target, request.config, request.overrides,
-                         lambda cfg, spec: labeled_sets(cfg, spec, request.data, request.overrides),
+                         lambda cfg, spec: eval_sets(cfg, spec, request.data, request.overrides),
                          request.max_examples)
-    sets = {name: encode_rows(loaded, rows) for name, rows in loaded.data.items()}
+    sets = {name: encode_rows(loaded, rows) for name, rows in loaded.data.examples.items()}
     robust = load_robustness(loaded, request.robustness) if request.robustness.enabled else None
     distributed.init()  # after every input check: bad input exits before any rank waits on another
     device = distributed.device()
@@ -318,6 +364,8 @@ def evaluate_target(request: EvalRequest) -> dict[str, Any] | None:
         results["classes"] = {name: _split_report(loaded.spec, outputs[name], labels[name]) for name in sets}
     if robust is not None:
         results["robustness"] = _robustness(loaded, sets, robust, outputs, labels, device)
+        results["robustness"].update(examples=results["examples"], set_sizes=loaded.data.whole_sizes,
+                                     whole_sets=loaded.data.whole)
         _record_robustness(loaded, request, results["robustness"])
     return results if distributed.is_main() else None
 
@@ -342,21 +390,40 @@ def _robustness(loaded: Loaded, sets: dict[str, Encoded], robust: RobustnessInpu
     return {"settings": robust.perturbation.as_dict(), "teacher": robust.teacher_name, "splits": splits}
 
 
+def _replaces_whole_sets(run: RunDir, robustness: dict[str, Any], record: bool) -> bool:
+    """Whether recording `robustness` would put a subset's numbers (--max-examples) over a
+    whole-set record without --record. A record written before sizes were recorded counts as whole."""
+    if robustness["whole_sets"] or record:
+        return False
+    existing = run.read_robustness()
+    return existing is not None and existing.get("whole_sets", True)
+
+
 def _record_robustness(loaded: Loaded, request: EvalRequest, robustness: dict[str, Any]) -> None:
     """A run's own student on its own dev sets: kept in the run directory (robustness.json) and
-    in its model cards, through the run's RunDir. Best effort: a read-only (or damaged) run
+    in its model cards, through the run's RunDir; a --max-examples subset only where no
+    whole-set record is there, or with --record. Best effort: a read-only (or damaged) run
     directory only loses the record, and says so."""
     if not (loaded.target.is_run and not request.data.sources and distributed.is_main()):
         return
     run = RunDir(loaded.target.run.path)
     try:
         run.read_state()
+        if _replaces_whole_sets(run, robustness, request.robustness.record):
+            print(f"[matekd] robustness of {_sizes(robustness)} examples not recorded in {run.path}: its "
+                  "robustness.json holds whole-set numbers (--record replaces them)", file=sys.stderr)
+            return
         run.write_robustness(robustness)
         run.refresh_cards()
     except OSError as err:
         print(f"[matekd] could not record robustness in {run.path}: {err.strerror or err}", file=sys.stderr)
     except MatekdError as err:
         print(f"[matekd] could not record robustness in {run.path}: {err}", file=sys.stderr)
+
+
+def _sizes(robustness: dict[str, Any]) -> str:
+    """"10 of 40" (per data set, joined) for a subset."""
+    return ", ".join(f"{n} of {robustness['set_sizes'][name]}" for name, n in robustness["examples"].items())
 
 
 # ---------------------------------------------------------------------------------------------

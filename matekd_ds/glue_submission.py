@@ -12,6 +12,11 @@ vocabulary of the GLUE download: `entailment`/`not_entailment` for RTE and QNLI,
 WNLI (1 = acceptable, positive, equivalent, duplicate, entailment), a score in [0, 5] with three
 decimals for STS-B. The leaderboard wants all eleven files (one zip); run this once per task
 into the same --out folder.
+
+Each test file is checked first against the GLUE download's: its columns, in order, and its
+row count (the leaderboard's test sets have fixed sizes), so another task's test file or a dev
+file is refused rather than written as a submission. `--force` accepts another row count (a
+deliberate subset); the columns are still checked.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import numpy as np
 from matekd_ds import distributed
 from matekd_ds.config import RunConfig
 from matekd_ds.data.glue import TaskSpec
-from matekd_ds.data.sources import Rows, column_choices, read_source
+from matekd_ds.data.sources import Rows, _first_line_fields, column_choices, read_source
 from matekd_ds.durable import fsync_path, write_atomic
 from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation_cli import encode_rows, load_target
@@ -50,6 +55,24 @@ SUBMISSION_FILES: dict[str, tuple[tuple[str, str], ...]] = {
 ALL_FILES = tuple(name for files in SUBMISSION_FILES.values() for name, _ in files)
 TEXT_LABEL_TASKS = ("mnli", "qnli", "rte")  # the others' GLUE files label classes 0/1
 HEADER = "index\tprediction\n"
+_PAIR = ("index", "sentence1", "sentence2")
+_MNLI = ("index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+         "sentence1_parse", "sentence2_parse", "sentence1", "sentence2")
+# submission file -> the GLUE download's test file: its columns, in order, and its row count
+TEST_FORMATS: dict[str, tuple[tuple[str, ...], int]] = {
+    "CoLA.tsv": (("index", "sentence"), 1063),
+    "SST-2.tsv": (("index", "sentence"), 1821),
+    "MRPC.tsv": (("index", "#1 ID", "#2 ID", "#1 String", "#2 String"), 1725),
+    "STS-B.tsv": (("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"),
+                  1379),
+    "QQP.tsv": (("id", "question1", "question2"), 390965),
+    "MNLI-m.tsv": (_MNLI, 9796),
+    "MNLI-mm.tsv": (_MNLI, 9847),
+    "AX.tsv": (_PAIR, 1104),
+    "QNLI.tsv": (("index", "question", "sentence"), 5463),
+    "RTE.tsv": (_PAIR, 3000),
+    "WNLI.tsv": (_PAIR, 146),
+}
 OPTIONAL_SPLITS = ("diagnostic",)  # AX: written when the folder has it, else said on stderr
 
 
@@ -86,6 +109,7 @@ class SubmissionRequest:
     out: Path
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
+    force: bool = False  # test files of another size than GLUE's (a deliberate subset)
 
 
 @dataclass(frozen=True)
@@ -95,7 +119,35 @@ class TestSet:
     rows: Rows
 
 
-def _test_sets(spec: TaskSpec, test_dir: Path) -> list[TestSet]:
+def _test_set_name(file_name: str) -> str:
+    return f"GLUE's {file_name.removesuffix('.tsv')} test set"
+
+
+def _looks_like(columns: tuple[str, ...], rows: int | None = None) -> str:
+    """", it looks like QNLI's test file" when exactly those columns (and rows) are another's."""
+    alike = [name.removesuffix(".tsv") for name, (cols, n) in TEST_FORMATS.items()
+             if cols == columns and rows in (None, n)]
+    return f" (it looks like {' or '.join(alike)}'s test file)" if alike else ""
+
+
+def check_test_columns(file_name: str, path: Path) -> None:
+    """The test file has the GLUE download's columns for `file_name`, in order."""
+    expected = TEST_FORMATS[file_name][0]
+    found = tuple(_first_line_fields(path))
+    if found != expected:
+        raise MatekdError(f"--glue-test: {path} has columns [{', '.join(found)}], {_test_set_name(file_name)} has "
+                          f"[{', '.join(expected)}]{_looks_like(found)}")
+
+
+def check_test_rows(file_name: str, path: Path, rows: int, force: bool) -> None:
+    """The test file has all of GLUE's test examples (the leaderboard scores every one)."""
+    expected = TEST_FORMATS[file_name][1]
+    if rows != expected and not force:
+        raise MatekdError(f"--glue-test: {path} has {rows} rows, {_test_set_name(file_name)} has {expected}"
+                          f"{_looks_like(TEST_FORMATS[file_name][0], rows)}; --force writes from a subset anyway")
+
+
+def _test_sets(spec: TaskSpec, test_dir: Path, force: bool = False) -> list[TestSet]:
     if spec.name not in SUBMISSION_FILES:
         raise MatekdError(f"--glue-test: the model's task is {spec.name}, not a GLUE task")
     if not test_dir.is_dir():
@@ -112,7 +164,10 @@ def _test_sets(spec: TaskSpec, test_dir: Path) -> list[TestSet]:
                 continue
             tried = ", ".join(str(p) for p in test_file_candidates(spec, test_dir, split))
             raise MatekdError(f"--glue-test: no {spec.name} {split} file; looked for: {tried}")
-        sets.append(TestSet(file_name, path, read_source(str(path), spec, choices, labeled=False)[0]))
+        check_test_columns(file_name, path)
+        rows = read_source(str(path), spec, choices, labeled=False)[0]
+        check_test_rows(file_name, path, len(rows.ids), force)
+        sets.append(TestSet(file_name, path, rows))
     return sets
 
 
@@ -136,7 +191,7 @@ def write_files(out: Path, files: dict[str, str]) -> None:
 
 def _checked_test_sets(request: SubmissionRequest, cfg: RunConfig, spec: TaskSpec) -> list[TestSet]:
     _check_out_dir(request.out)
-    return _test_sets(spec, request.test_dir)
+    return _test_sets(spec, request.test_dir, request.force)
 
 
 def write_submission(request: SubmissionRequest) -> dict[str, Any] | None:
@@ -154,5 +209,7 @@ def write_submission(request: SubmissionRequest) -> dict[str, Any] | None:
     write_files(request.out, files)
     present = [name for name in ALL_FILES if (request.out / name).is_file()]
     return {"model": loaded.target.model, "task": spec.name, "out": str(request.out),
-            "written": {s.file_name: {"from": str(s.path), "rows": len(s.rows.ids)} for s in sets},
+            "written": {s.file_name: {"from": str(s.path), "rows": len(s.rows.ids),
+                                      "glue_rows": TEST_FORMATS[s.file_name][1]} for s in sets},
+            "forced": request.force,
             "submission_files": present, "missing_for_a_full_submission": [n for n in ALL_FILES if n not in present]}

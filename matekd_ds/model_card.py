@@ -1,7 +1,8 @@
-"""The model card (`README.md` in `student/` and `student_best/`), in the Hugging Face model-card
-layout: YAML metadata (pipeline, tags, datasets, a `model-index` with the dev results), then
-the task, method, teacher, data, hyper-parameters, dev metrics and, once `matekd eval RUN
---perturbed` has measured them, robustness metrics.
+"""The model card (`README.md` in `student/`, `student_best/` and a fine-tuned `teacher/`), in
+the Hugging Face model-card layout: YAML metadata (pipeline, tags, datasets, a `model-index`
+with the dev results), then the task, method, teacher, data, hyper-parameters, dev metrics,
+the deployment numbers (size and CPU latency against the teacher, accuracy kept) and, once
+`matekd eval RUN --perturbed` has measured them, robustness metrics.
 
 A pure function of the run's config, metrics and robustness record: no file is read or
 written here. The run directory (run_dir.RunDir) renders the card from what it holds in memory
@@ -16,12 +17,13 @@ from typing import Any
 
 import yaml
 
+from matekd_ds import deployment
 from matekd_ds.config import RunConfig
 from matekd_ds.data.glue import GLUE_HUB_PATH, TaskSpec
 from matekd_ds.data.tasks import task_spec
 
 CARD = "README.md"
-CARDED_EXPORTS = ("student", "student_best")
+CARDED_EXPORTS = ("student", "student_best", "teacher")
 METHOD_NAMES = {"ft": "fine-tuning on the labels", "kd": "knowledge distillation (Hinton et al., 2015)",
                 "matekd": "MATE-KD (Rashid et al., ACL 2021): knowledge distillation with masked adversarial text"}
 
@@ -132,10 +134,77 @@ def _robustness_section(robust: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _deployment_section(record: dict[str, Any] | None) -> list[str]:
+    """metrics.json "deployment": student and teacher size and CPU latency, as a table."""
+    if not record:
+        return []
+    rows = deployment.table_rows(record)
+    return ["## Deployment", "", f"{deployment.settings_line(record)}, measured at the end of training "
+            "(`matekd eval RUN --latency` measures again on another machine).", "",
+            "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0]),
+            *("| " + " | ".join(row) + " |" for row in rows[1:]), "", f"{deployment.headline(record)}.", ""]
+
+
+def _how_to_use(export: str) -> list[str]:
+    return ["## How to use", "", "```python",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            f'model = AutoModelForSequenceClassification.from_pretrained("{export}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{export}")', "```", "",
+            (f"or `matekd predict {export} --data FILE --out predictions.tsv`; "
+             f"`matekd eval {export} --data FILE` scores a labeled file."), ""]
+
+
+def _teacher_hyper_parameters(cfg: RunConfig, metrics: dict[str, Any], world_size: int) -> dict[str, Any]:
+    t, m = cfg.train, cfg.models
+    out: dict[str, Any] = {"epochs": m.teacher_finetune_epochs, "learning rate": m.teacher_finetune_lr,
+                           "warm-up ratio": m.teacher_finetune_warmup_ratio,
+                           "global batch size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+                           "weight decay": t.weight_decay, "max sequence length": cfg.data.max_length, "seed": t.seed}
+    steps = (metrics.get("teacher_finetune") or {}).get("steps")
+    if steps is not None:
+        out["steps"] = steps
+    return out
+
+
+def render_teacher(cfg: RunConfig, metrics: dict[str, Any], run_name: str) -> str:
+    """The card of the run's teacher/ (a teacher this run fine-tuned): its dev metrics once it
+    was scored, and the deployment numbers against its student."""
+    spec = task_spec(cfg)
+    world = int(metrics.get("world_size", 1))
+    name = f"{run_name}-teacher"
+    scores = metrics.get("teacher") or {}
+    dev = scores.get("dev") or (metrics.get("teacher_finetune") or {}).get("dev")
+    meta = {"library_name": "transformers", "pipeline_tag": "text-classification",
+            "tags": ["text-classification", "knowledge-distillation", "teacher", "matekd-ds"],
+            **({"datasets": [GLUE_HUB_PATH]} if cfg.task not in ("synthetic", "custom") else {}),
+            "model-index": _model_index(name, cfg, spec, dev)}
+    labels = ", ".join(spec.label_names) if spec.label_names else "a regression score"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
+             (f"The teacher of a matekd-ds run for **{spec.name}** ({labels}): `{cfg.models.teacher}` fine-tuned on "
+              f"the labels, then frozen to teach a student with {METHOD_NAMES[cfg.method]}."), "",
+             "## Model description", "", "| | |", "|---|---|",
+             f"| task | `{spec.name}`: {labels} |", f"| initialised from | `{cfg.models.teacher}` |"]
+    if scores.get("params"):
+        lines.append(f"| parameters | {scores['params'] / 1e6:.2f}M |")
+    lines += ["", "## Training data", "", f"- {_data_source(cfg)}"]
+    if _limits(cfg):
+        lines.append(f"- limited to the {_limits(cfg)}")
+    lines += ["", "## Training procedure", "", "| hyper-parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _teacher_hyper_parameters(cfg, metrics, world).items()]
+    lines += ["", f"Precision: {metrics.get('dtype', cfg.train.dtype)}; {world} rank(s).", "",
+              "## Evaluation results", "", "Dev set, after fine-tuning." if dev else "Dev set, not recorded yet.", ""]
+    if dev:
+        lines += ["| data | metric | value |", "|---|---|---|", *_metric_rows(dev)]
+    lines += ["", *_deployment_section(metrics.get("deployment")), *_how_to_use("teacher")]
+    return "\n".join(lines)
+
+
 def render(cfg: RunConfig, metrics: dict[str, Any], robustness: dict[str, Any] | None, run_name: str,
            export: str) -> str:
-    """The card of the run's export `export` ("student" or "student_best"): `metrics` as in
-    metrics.json, `robustness` as in robustness.json (None: not measured)."""
+    """The card of the run's export `export` ("student", "student_best" or "teacher"): `metrics`
+    as in metrics.json, `robustness` as in robustness.json (None: not measured)."""
+    if export == "teacher":
+        return render_teacher(cfg, metrics, run_name)
     spec = task_spec(cfg)
     world = int(metrics.get("world_size", 1))
     name = f"{run_name}-{export}"
@@ -173,12 +242,7 @@ def render(cfg: RunConfig, metrics: dict[str, Any], robustness: dict[str, Any] |
     if teacher_dev:
         lines += ["", "The teacher on the same dev set:", "", "| data | metric | value |", "|---|---|---|",
                   *_metric_rows(teacher_dev)]
-    lines += ["", *_robustness_section(robustness or {})]
-    lines += ["## How to use", "", "```python",
-              "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-              f'model = AutoModelForSequenceClassification.from_pretrained("{export}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{export}")', "```", "",
-              (f"or `matekd predict {export} --data FILE --out predictions.tsv`; "
-              f"`matekd eval {export} --data FILE` scores a labeled file."), ""]
+    lines += ["", *_robustness_section(robustness or {}), *_deployment_section(metrics.get("deployment"))]
+    lines += _how_to_use(export)
     return "\n".join(lines)
 

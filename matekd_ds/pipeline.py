@@ -7,7 +7,8 @@
   5. teacher: fine-tune (if asked), freeze, score                          phases.teacher_phase
   6. generator: MLM warm-up (if asked)                                     phases.generator_warmup_phase
   7. student: ft / kd / matekd, export                                     phases.student_phase
-  8. metrics.json, assembled here from what the phases returned
+  8. deployment: student vs teacher size and CPU latency (rank 0)          deployment.for_run
+  9. metrics.json, assembled here from what the phases returned
 
 Bad input stops at step 1 or 2 with one line, before DeepSpeed starts and before anything is
 written. metrics.json is written after every phase, so a run that ends early records how far it
@@ -28,10 +29,11 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from matekd_ds import distributed, signals
+from matekd_ds import deployment, distributed, signals
 from matekd_ds.assembly import run_engines
 from matekd_ds.callbacks import Callbacks, RunCallback
 from matekd_ds.config import RunConfig
+from matekd_ds.errors import MatekdError
 from matekd_ds.health import Diverged
 from matekd_ds.inputs import (
     RunInputs,
@@ -105,6 +107,7 @@ def _train_phases(run: RunDir, inputs: RunInputs, hooks: Callbacks, resume: bool
             hooks.boundary("warmup")
             student = student_phase(ctx, teacher.teacher, generator.generator)
             metrics.update(student_metrics(student, teacher))
+            metrics.update(deployment_metrics(run, inputs, metrics))
     except BaseException as err:  # the checkpoints stay; say why the run ended, then re-raise
         _close(monitor)
         record_end(run, metrics, err)
@@ -190,6 +193,21 @@ def teacher_metrics(outcome: TeacherOutcome) -> dict[str, Any]:
         out["teacher"] = outcome.scores
         out["memory"] = {"teacher": outcome.memory}
     return out
+
+
+def deployment_metrics(run: RunDir, inputs: RunInputs, metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json "deployment": rank 0 times the exported student against its teacher on the
+    CPU (deployment.py) while the other ranks wait at the end of the run. A failure costs the
+    numbers, not the run."""
+    if not distributed.is_main():
+        return {}
+    try:
+        record = deployment.for_run(run.path, inputs.cfg, inputs.tokenizer, metrics)
+    except (MatekdError, OSError, RuntimeError, ValueError) as err:
+        log.warning(f"[deployment] not measured: {err}")
+        return {}
+    log.info(f"[deployment] {deployment.headline(record)}")
+    return {"deployment": record}
 
 
 def generator_metrics(outcome: GeneratorOutcome) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from matekd_ds.data.sources import Rows, column_choices, read_source
 from matekd_ds.durable import write_atomic
 from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation import predict as model_outputs
-from matekd_ds.evaluation_cli import encode_rows, load_target, run_columns
+from matekd_ds.evaluation_cli import encode_rows, load_target, reads_headerless, run_columns
 
 OUTPUT_FORMATS = (".tsv", ".csv", ".jsonl")
 
@@ -43,6 +43,7 @@ class PredictRequest:
     overrides: list[str] = field(default_factory=list)
     text_columns: list[str] | None = None
     id_column: str | None = None
+    no_header: bool = False  # a CSV/TSV file without a header line: columns by number
 
 
 def check_output_path(out: Path, suffixes: tuple[str, ...] = OUTPUT_FORMATS, flag: str = "--out") -> None:
@@ -91,7 +92,8 @@ def render(records: list[dict[str, Any]], suffix: str) -> str:
 
 def one_source(request: PredictRequest, spec: TaskSpec, cfg: RunConfig) -> Rows:
     choices = column_choices(spec, run_columns(cfg, spec), request.text_columns, None)
-    parts = read_source(request.data, spec, choices, labeled=False, id_column=request.id_column)
+    no_header = reads_headerless(cfg, request.no_header, request.text_columns)
+    parts = read_source(request.data, spec, choices, labeled=False, id_column=request.id_column, no_header=no_header)
     if len(parts) != 1:
         raise MatekdError(f"--data {request.data} holds {len(parts)} data sets ({', '.join(p.name for p in parts)}); "
                           "give one file")
@@ -127,9 +129,16 @@ def score(model: torch.nn.Module, data: Encoded, batch_size: int, pad_id: int) -
 def summary_line(summary: dict[str, Any]) -> str:
     """What `matekd predict` (or `--glue-test`) wrote, in one line."""
     if "written" in summary:
-        files = ", ".join(f"{name} ({w['rows']} rows)" for name, w in summary["written"].items())
+        files = ", ".join(f"{name} ({_rows_written(w)})" for name, w in summary["written"].items())
         missing = summary["missing_for_a_full_submission"]
         rest = f"a full GLUE submission still needs {', '.join(missing)}" if missing else "all 11 GLUE files are there"
+        if any(w["rows"] != w.get("glue_rows", w["rows"]) for w in summary["written"].values()):
+            rest += "; --force: row counts not GLUE's, so not a complete leaderboard submission"
         return f"wrote {files} to {summary['out']}; {rest}"
     return (f"wrote {summary['examples']} predictions of {summary['model']} ({summary['task']}) to {summary['out']} "
             f"on {summary['world_size']} rank(s)")
+
+
+def _rows_written(written: dict[str, Any]) -> str:
+    glue = written.get("glue_rows", written["rows"])
+    return f"{written['rows']} rows" if written["rows"] == glue else f"{written['rows']} of GLUE's {glue} rows"

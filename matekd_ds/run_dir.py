@@ -17,7 +17,7 @@ Every export carries a MANIFEST.json (size and CRC-32 of its files), checked whe
 
 Every file and folder is written durably (durable.py), by rank 0. A RunDir keeps in memory the
 config it was opened with, the last metrics it wrote and the robustness record, and renders the
-model cards of student/ and student_best/ from them (model_card.py): nothing it wrote is read
+model cards of student/, student_best/ and teacher/ from them (model_card.py): nothing it wrote is read
 back from disk.
 """
 
@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -197,15 +198,15 @@ class RunDir:
         return model_card.render(self._opened_config(), self._metrics, self._robustness, self.path.name, name)
 
     def export(self, name: str, module: torch.nn.Module, tokenizer) -> None:
-        """A classifier export names its classes after the task's; student exports carry a model
-        card (refresh_cards() rewrites it with the final metrics once the run ends). After open()."""
+        """A classifier export names its classes after the task's; student and teacher exports carry
+        a model card (refresh_cards() rewrites it with the final metrics once the run ends). After open()."""
         cfg = self._opened_config()
         labels = task_spec(cfg).label_names if name != "generator_warm" else None
         card = self._card(name) if name in model_card.CARDED_EXPORTS and distributed.is_main() else None
         export_model(module, tokenizer, self.model_dir(name), list(labels) if labels else None, card)
 
     def refresh_cards(self) -> None:
-        """Rewrite the model card of student/ and student_best/ (those that exist) from what this
+        """Rewrite the model card of student/, student_best/ and teacher/ (those that exist) from what this
         object holds now: after training, after a robustness evaluation. Rank 0; a no-op elsewhere."""
         if not distributed.is_main():
             return
@@ -236,10 +237,19 @@ class RunDir:
                     raise MatekdError(f"--resume: '{key}' differs from the run in {self.path}; "
                                       f"a checkpoint only resumes with the same {key}")
         elif not cfg.output.overwrite:
-            raise MatekdError(
-                f"output directory {self.path} already holds files; pass --resume to continue that run "
-                "or output.overwrite=true to move it aside"
-            )
+            raise MatekdError(self._occupied_line())
+
+    def _occupied_line(self) -> str:
+        """What a new run finds in a directory that holds files, and what to do instead."""
+        held = f"output directory {self.path} already holds files"
+        other = "choose another output.dir, or output.overwrite=true moves it aside"
+        if not self.config_file.is_file():
+            return f"{held} (not a matekd run); {other}"
+        status = self.status() or "no metrics.json"
+        if status == "completed":
+            return f"{held} of a completed run; {other}"
+        return (f"{held} of an unfinished run (status: {status}); finish it by running the same command with "
+                "--resume (or output.overwrite=true moves it aside)")
 
     def check_layout(self, layout: dict[str, Any]) -> None:
         """--resume, before anything is written: DeepSpeed's checkpoints load only into engines of
@@ -367,7 +377,7 @@ class RunDir:
                 # (with its lock, which this process holds), and lock the new directory.
                 aside = self.path.with_name(f"{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
                 self.path.rename(aside)
-                print(f"[matekd] moved the previous run aside to {aside}")
+                print(f"[matekd] moved the previous run aside to {aside}", file=sys.stderr)  # a log line
                 held, self._lock_fd = self._lock_fd, None
                 problem = self._try_lock()
                 if held is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from matekd_ds import distributed
+from matekd_ds import deployment, distributed
 
 
 def _main(dev: dict[str, dict[str, float]]) -> str:
@@ -44,4 +44,7 @@ def print_summary(metrics: dict[str, Any], run_dir: str) -> None:
     print("  ".join("-" * w for w in widths))
     for row in rows[1:]:
         print(line(row))
+    if metrics.get("deployment"):  # what the student is for: size, CPU latency, accuracy kept
+        print()
+        print("\n".join(deployment.format_lines(metrics["deployment"])))
     print(f"\nrun directory: {run_dir}  (student/, metrics.json, logs/; {metrics['wall_seconds']:.0f}s wall)")

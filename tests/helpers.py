@@ -194,3 +194,19 @@ def run_launcher(script: str, args: list[str], cwd: Path, env: dict | None = Non
                           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(env or {})})
     return subprocess.run(["bash", str(REPO / "launch" / script), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def matekd_in_process(capfd, *args) -> tuple[int, str, str]:
+    """`matekd ARGS` in this process: (exit code, stdout, stderr). The process group it joins is
+    kept: the CLI leaves it at exit, and in a test process that would leave DeepSpeed's cached
+    groups pointing at a destroyed group for every in-process test after it ("Group ... is not
+    registered")."""
+    from unittest import mock
+
+    from matekd_ds import cli
+
+    capfd.readouterr()
+    with mock.patch.object(cli, "_leave_process_group", lambda code: None):
+        code = cli.main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return code, out, err

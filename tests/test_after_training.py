@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_cli
+from helpers import matekd_in_process, run_cli
 from test_cli import assert_one_line_error
 
 from matekd_ds import cli, models
@@ -91,10 +91,7 @@ def trained(assets):
 
 def matekd(capfd, *args: str) -> tuple[int, str, str]:
     """`matekd ARGS` in this process: (exit code, stdout, stderr)."""
-    capfd.readouterr()
-    code = cli.main([str(a) for a in args])
-    out, err = capfd.readouterr()
-    return code, out, err
+    return matekd_in_process(capfd, *args)
 
 
 def matekd_json(capfd, *args: str) -> dict:
@@ -285,7 +282,8 @@ def test_a_generator_folder_without_tokenizer_files_shares_the_vocabulary(assets
 
 @pytest.mark.parametrize("args, fragment", [
     (["eval", "{run}", "--data", "{root}/missing.tsv"], "data file not found"),
-    (["eval", "{run}", "--data", "{root}/dev.parquet"], "unsupported table format '.parquet'"),
+    (["eval", "{run}", "--data", "{root}/dev.parquet"], "is not a readable Parquet file"),
+    (["eval", "{run}", "--data", "{root}/dev.xlsx"], "unsupported table format '.xlsx'"),
     (["eval", "{run}", "--data", "{root}/unlabeled.jsonl"], "no columns [question, label]"),
     (["eval", "{run}", "--max-examples", "0"], "--max-examples must be >= 1"),
     (["eval", "{teacher}", "task=custom", "data.dev_file={root}/dev.jsonl", "data.text_columns=[question]",
@@ -296,6 +294,7 @@ def test_a_generator_folder_without_tokenizer_files_shares_the_vocabulary(assets
 ])
 def test_bad_eval_and_predict_input_is_one_line(trained, assets, tmp_path, capfd, args, fragment):
     (assets["root"] / "dev.parquet").write_text("x")
+    (assets["root"] / "dev.xlsx").write_text("x")
     values = {"run": trained[0], "root": assets["root"], "tmp": tmp_path, "teacher": assets["teacher"]}
     code, out, err = matekd(capfd, *(a.format(**values) for a in args))
     lines = [line for line in err.splitlines() if line.strip()]
@@ -425,7 +424,7 @@ def test_glue_test_submission_passes_the_format_check(glue_models, tmp_path, cap
     tasks = {"cola": 2, "sst2": 2, "mrpc": 2, "stsb": 1, "qqp": 2, "mnli": 3, "qnli": 2, "rte": 2, "wnli": 2}
     for task, outputs in tasks.items():
         code, out, err = matekd(capfd, "predict", glue_models[outputs], f"task={task}", "--glue-test", test_root,
-                                "--out", submission)
+                                "--out", submission, "--force")  # a few rows per test file, not GLUE's
         assert code == 0, err
     assert "all 11 GLUE files are there" in out
     assert check_glue_submission(submission, test_root) == []

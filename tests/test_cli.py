@@ -131,3 +131,18 @@ def test_unwritable_output_filesystem(tmp_path):
     finally:
         parent.chmod(0o755)
     assert_one_line_error(result, "is not writable")
+
+
+def test_overrides_may_follow_options():
+    from matekd_ds import cli
+
+    assert cli._parse(["train", "--resume", "train.lr=1e-4", "task=sst2"]).overrides == ["train.lr=1e-4", "task=sst2"]
+    args = cli._parse(["eval", "runs/x", "--json", "task=sst2", "--max-examples", "5", "data.max_length=32"])
+    assert args.overrides == ["task=sst2", "data.max_length=32"] and args.json and args.max_examples == 5
+    args = cli._parse(["train", "data.path=d", "--resume", "output.dir=o"])  # argparse alone: "unrecognized"
+    assert args.overrides == ["data.path=d", "output.dir=o"]
+    for stray in (["train", "data.path=d", "--resume", "--bogus"], ["train", "x=1", "--resume", "notanoverride"],
+                  ["experiment", "spec.yaml", "x=1"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli._parse(stray)
+        assert exit_info.value.code == 2

@@ -331,7 +331,8 @@ def test_load_table_rejects_bad_labels_without_names(tmp_path: Path) -> None:
         ("empty.jsonl", "\n\n", "is empty"),
         ("header_only.tsv", "text\tlabel\n", "has no data rows"),
         ("bad.jsonl", '{"text": "a", "label": 1}\n{oops\n', "line 2: invalid JSON"),
-        ("data.parquet", "x", "unsupported table format '.parquet'"),
+        ("data.xlsx", "x", "unsupported table format '.xlsx'"),
+        ("data.parquet", "x", "is not a readable Parquet file"),
     ],
 )
 def test_load_table_file_errors(tmp_path: Path, name: str, content: str, message: str) -> None:

@@ -1,4 +1,5 @@
-"""Turn GLUE data (hub or TSV download) and user tables (CSV/TSV/JSONL) into ``Example`` lists.
+"""Turn GLUE data (hub, TSV download, or a DatasetDict saved with ``save_to_disk``) and user
+tables (CSV/TSV/JSONL/JSON, Parquet, saved datasets) into ``Example`` lists.
 
 Every user-facing problem (missing file, column, bad label, ...) raises ``MatekdError`` with
 a one-line message that names the file, line and the valid choices.
@@ -190,9 +191,21 @@ def find_glue_tsv(task: TaskSpec, directory: str | Path, split: str) -> Path:
 
 
 def load_glue_dir(task: TaskSpec, directory: str | Path, split: str) -> list[Example]:
-    """Read one split of the GLUE TSV download for ``task`` from ``directory``."""
+    """Read one split of ``task`` from ``directory``: the GLUE TSV download, or the task's
+    DatasetDict saved with ``save_to_disk`` (``load_dataset("nyu-mll/glue", "sst2").save_to_disk(D)``)."""
+    saved = find_saved_glue_dataset(task, directory)
+    if saved is not None:
+        hub_split = _check_split(task, split)
+        return _examples_from_hub_rows(task, load_saved_dataset(saved, hub_split), hub_split, str(saved))
     path = find_glue_tsv(task, directory, split)
     return _parse_glue_tsv(task, _TSV_LAYOUTS[task.name], path)
+
+
+def find_saved_glue_dataset(task: TaskSpec, directory: str | Path) -> Path | None:
+    """``directory`` (or its task subfolder) when it is a DatasetDict saved with save_to_disk."""
+    directory = Path(directory).expanduser()
+    candidates = [directory, *(directory / sub for sub in (*task.tsv_dir_names, task.hub_config))]
+    return next((c for c in candidates if is_saved_dataset_dict(c)), None)
 
 
 def _parse_glue_tsv(task: TaskSpec, layout: _TsvLayout, path: Path) -> list[Example]:
@@ -280,10 +293,11 @@ def load_glue_hub(task: TaskSpec, split: str, cache_dir: str | Path | None = Non
     return _examples_from_hub_rows(task, rows, hub_split)
 
 
-def _examples_from_hub_rows(task: TaskSpec, rows: Any, hub_split: str) -> list[Example]:
+def _examples_from_hub_rows(task: TaskSpec, rows: Any, hub_split: str, source: str | None = None) -> list[Example]:
+    source = source or f"{GLUE_HUB_PATH}/{task.hub_config}"
     examples: list[Example] = []
     for row_index, row in enumerate(rows):
-        where = f"{GLUE_HUB_PATH}/{task.hub_config} {hub_split} row {row_index}"
+        where = f"{source} {hub_split} row {row_index}"
         missing = [key for key in (*task.text_keys, "label") if key not in row]
         if missing:
             raise MatekdError(
@@ -310,29 +324,78 @@ def load_glue(
 # --------------------------------------------------------------------------- user tables
 
 
-_TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}
+_TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+SAVED = "saved dataset"  # a folder written by datasets' save_to_disk
+# What save_to_disk writes: a Dataset's folder holds the first two, a DatasetDict's the last.
+_SAVED_DATASET_FILES = ("state.json", "dataset_info.json", "dataset_dict.json")
+HEADERLESS_FORMATS = ("csv", "tsv")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES)
+
+
+def is_saved_dataset_dict(path: Path) -> bool:
+    return path.is_dir() and (path / "dataset_dict.json").is_file()
+
+
+def split_selector(source: str | Path) -> tuple[Path, str | None]:
+    """`FILE.json:KEY` (one set of a JSON object keyed by name, as AdvGLUE's dev.json) or
+    `FOLDER:SPLIT` (one split of a DatasetDict saved with save_to_disk) -> (path, KEY); anything
+    else -> (path, None). A path that exists as written is never split."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists() or ":" not in text:
+        return path, None
+    base, key = text.rsplit(":", 1)
+    base_path = Path(base).expanduser()
+    return (base_path, key) if key and base_path.exists() else (path, None)
 
 
 def table_format(path: str | Path) -> str:
-    """"csv", "tsv", "jsonl" or "json" (a JSON array, or JSON lines) from the file's suffix."""
+    """"csv", "tsv", "jsonl", "json" (a JSON array, an object of named arrays, or JSON lines) or
+    "parquet" from the file's suffix; SAVED for a folder written by save_to_disk."""
     path = Path(path)
+    if is_saved_dataset(path):
+        return SAVED
     found = _TABLE_FORMATS.get(path.suffix.lower())
     if found is None:
         raise MatekdError(
             f"unsupported table format {path.suffix!r} for {path}; "
-            f"use one of: {', '.join(_TABLE_FORMATS)}"
+            f"use one of: {', '.join(_TABLE_FORMATS)}, or a folder saved with datasets' save_to_disk"
         )
     return found
 
 
-def read_records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Each row of a CSV, TSV, JSON-lines or JSON file as (where, {column: value}); ``where``
-    names the file and line (or, in a JSON array, the item) for error messages."""
-    path = Path(path).expanduser()
+def read_records(source: str | Path, no_header: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each row of a CSV, TSV, JSON-lines, JSON or Parquet file, or of a saved dataset, as
+    (where, {column: value}); ``where`` names the file and line (or item, or row) for error
+    messages. ``source`` may pick one set: `FILE.json:KEY`, `FOLDER:SPLIT`. ``no_header``: a
+    CSV/TSV file whose first line is data; its columns are named "0", "1", ..."""
+    path, key = split_selector(source)
     kind = table_format(path)
-    _require_file(path)
-    read = {"csv": _csv_records, "tsv": _tsv_records, "jsonl": _jsonl_records, "json": _json_records}[kind]
-    return ((f"{path}, {place}", record) for place, record in read(path))
+    if kind != SAVED:
+        _require_file(path)
+    _check_reading_options(path, kind, key, no_header)
+    if kind == SAVED:
+        records = _saved_dataset_records(path, key)
+    elif kind == "json":
+        records = _json_records(path, key)
+    elif kind in HEADERLESS_FORMATS:
+        records = (_csv_records if kind == "csv" else _tsv_records)(path, header=not no_header)
+    else:
+        records = {"jsonl": _jsonl_records, "parquet": _parquet_records}[kind](path)
+    name = str(path) if key is None else f"{path}:{key}"
+    return ((f"{name}, {place}", record) for place, record in records)
+
+
+def _check_reading_options(path: Path, kind: str, key: str | None, no_header: bool) -> None:
+    if key is not None and kind not in ("json", SAVED):
+        raise MatekdError(f"{path}:{key}: ':{key}' picks one set of a .json object or one split of a saved "
+                          f"dataset; {path} is a {kind} file")
+    if no_header and kind not in HEADERLESS_FORMATS:
+        raise MatekdError(f"{path}: headerless reading (--no-header, data.no_header) is for CSV and TSV files; "
+                          f"this is a {kind} {'folder' if kind == SAVED else 'file'} with named columns")
 
 
 def load_table(
@@ -341,18 +404,18 @@ def load_table(
     label_column: str,
     label_names: Sequence[str] | None = None,
     regression: bool = False,
+    no_header: bool = False,
 ) -> list[Example]:
-    """Read a CSV, TSV, JSON-lines or JSON-array file (chosen by extension) into examples.
+    """Read a CSV, TSV, JSON-lines, JSON, Parquet file (chosen by extension) or a saved dataset
+    (see read_records) into examples.
 
     Labels: with ``label_names`` each label is a class name or an index into them; without,
-    a non-negative integer; with ``regression`` a float.
+    a non-negative integer; with ``regression`` a float. ``no_header``: columns by number.
     """
-    path = Path(path).expanduser()
-    table_format(path)
     if not text_columns:
         raise MatekdError(f"no text columns given for {path}")
     examples: list[Example] = []
-    for where, record in read_records(path):
+    for where, record in read_records(path, no_header):
         examples.append(example_from_record(record, where, text_columns, label_column, label_names,
                                             regression, len(examples)))
     if not examples:
@@ -385,18 +448,26 @@ def _check_columns(record: Mapping[str, Any], needed: Sequence[str], where: str)
         raise MatekdError(f"{where}: no column {names}; columns: {available}")
 
 
-def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def _numbered(fields: list[str]) -> list[str]:
+    """A headerless file's column names: "0", "1", ... (what --text-columns 0 names)."""
+    return [str(i) for i in range(len(fields))]
+
+
+def _csv_records(path: Path, header: bool = True) -> Iterator[tuple[str, dict[str, str]]]:
     try:
         with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                raise MatekdError(f"{path} is empty; expected a header line")
-            header = [name.strip() for name in header]
+            names = None
+            if header:
+                first = next(reader, None)
+                if first is None:
+                    raise MatekdError(f"{path} is empty; expected a header line")
+                names = [name.strip() for name in first]
             for fields in reader:
                 if not any(field.strip() for field in fields):
                     continue  # blank line
-                yield f"line {reader.line_num}", _record(header, fields, path, reader.line_num)
+                names = _numbered(fields) if names is None else names
+                yield f"line {reader.line_num}", _record(names, fields, path, reader.line_num)
     except UnicodeDecodeError as error:
         raise MatekdError(
             f"{path} is not valid UTF-8 text: {error.reason} at byte {error.start}"
@@ -405,14 +476,18 @@ def _csv_records(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         raise MatekdError(f"{path}: malformed CSV: {error}") from None
 
 
-def _tsv_records(path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+def _tsv_records(path: Path, header: bool = True) -> Iterator[tuple[str, dict[str, str]]]:
     lines = _read_lines(path)
-    first = next(lines, None)
-    if first is None:
-        raise MatekdError(f"{path} is empty; expected a header line")
-    header = [name.strip() for name in first[1].split("\t")]
+    names = None
+    if header:
+        first = next(lines, None)
+        if first is None:
+            raise MatekdError(f"{path} is empty; expected a header line")
+        names = [name.strip() for name in first[1].split("\t")]
     for line_no, line in lines:
-        yield f"line {line_no}", _record(header, line.split("\t"), path, line_no)
+        fields = line.split("\t")
+        names = _numbered(fields) if names is None else names
+        yield f"line {line_no}", _record(names, fields, path, line_no)
 
 
 def _record(header: list[str], fields: list[str], path: Path, line_no: int) -> dict[str, str]:
@@ -441,17 +516,96 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise MatekdError(f"{path} is empty")
 
 
-def _json_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A ``.json`` file: one JSON array of objects (as many public sets ship), or JSON lines."""
+def _json_records(path: Path, key: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """A ``.json`` file: one JSON array of objects (as many public sets ship), JSON lines, or
+    (with ``key``) the array under ``key`` of one object keyed by set, as AdvGLUE's dev.json
+    (``{"sst2": [...], "qnli": [...]}``)."""
     text = "".join(line + "\n" for _, line in _read_lines(path))
-    if not text.lstrip().startswith("["):
+    if key is None and not text.lstrip().startswith("["):
+        _refuse_one_object(path, text)
         yield from _jsonl_records(path)
         return
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as error:
         raise MatekdError(f"{path}: invalid JSON at line {error.lineno}: {error.msg}") from None
+    if key is not None:
+        rows = _keyed_set(path, rows, key)
     for number, record in enumerate(rows, start=1):
         if not isinstance(record, dict):
             raise MatekdError(f"{path}, item {number}: expected a JSON object, got {type(record).__name__}")
         yield f"item {number}", record
+
+
+def _object_keys(value: dict[str, Any]) -> str:
+    keys = [str(k) for k in value]
+    return ", ".join(keys[:12]) + (f", ... ({len(keys)} keys)" if len(keys) > 12 else "")
+
+
+def _refuse_one_object(path: Path, text: str) -> None:
+    """A .json file that is one object of sets (or one pretty-printed object) is not JSON
+    lines: say which keys it has and how to pick one, instead of "invalid JSON" at line 2."""
+    if not text.lstrip().startswith("{"):
+        return
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return  # JSON lines (or broken JSON): the line-by-line reader says which
+    if not isinstance(value, dict):
+        return
+    holds_sets = any(isinstance(v, list) for v in value.values())
+    if holds_sets or text.strip().count("\n") > 0:  # one line of scalars is one JSON-lines record
+        raise MatekdError(f"{path} is one JSON object with keys {_object_keys(value)}; pick its rows with "
+                          f"{path}:KEY")
+
+
+def _keyed_set(path: Path, value: Any, key: str) -> list[Any]:
+    if not isinstance(value, dict):
+        raise MatekdError(f"{path}:{key}: {path} is a JSON {type(value).__name__}, not an object keyed by set")
+    if key not in value:
+        raise MatekdError(f"{path} has no key {key!r}; keys: {_object_keys(value)}")
+    rows = value[key]
+    if not isinstance(rows, list):
+        raise MatekdError(f"{path}:{key} is a JSON {type(rows).__name__}, not an array of rows")
+    return rows
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as parquet  # comes with datasets; only Parquet files need it
+
+        table = parquet.read_table(path)
+    except Exception as error:  # ArrowInvalid, OSError, ...: many types
+        raise MatekdError(f"{path} is not a readable Parquet file: {_first_line(error)}") from None
+    for number, record in enumerate(table.to_pylist(), start=1):
+        yield f"row {number}", record
+
+
+def load_saved_dataset(path: Path, split: str | None) -> Any:
+    """The Dataset saved in ``path`` (save_to_disk), or ``split`` of a saved DatasetDict."""
+    try:
+        import datasets  # imported lazily: only saved datasets need it
+
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as error:  # a damaged or foreign folder: many types
+        raise MatekdError(f"{path}: could not read the saved dataset: {_first_line(error)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split is None:
+            raise MatekdError(f"{path} is a saved DatasetDict with splits {', '.join(loaded)}; "
+                              f"pick one with {path}:SPLIT")
+        if split not in loaded:
+            raise MatekdError(f"{path} has no split {split!r}; splits: {', '.join(loaded)}")
+        return loaded[split]
+    if split is not None:
+        raise MatekdError(f"{path} is one saved Dataset without splits; drop ':{split}'")
+    return loaded
+
+
+def _saved_dataset_records(path: Path, split: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    for number, record in enumerate(load_saved_dataset(path, split), start=1):
+        yield f"row {number}", dict(record)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -2,7 +2,11 @@
 of a run's task (its text columns, label column and label names).
 
 A source is one of
-- a table: CSV, TSV, JSON lines or a JSON array (`.csv`, `.tsv`, `.jsonl`, `.json`);
+- a table: CSV, TSV, JSON lines, a JSON array or Parquet (`.csv`, `.tsv`, `.jsonl`, `.json`,
+  `.parquet`); `FILE.json:KEY` for the array under KEY of a JSON object keyed by set (AdvGLUE's
+  dev.json); headerless CSV/TSV with `no_header` and columns by number (`--text-columns 0`);
+- a folder saved with datasets' `save_to_disk` (`FOLDER:SPLIT` for a DatasetDict's split; a
+  GLUE task's whole DatasetDict is read like a GLUE folder);
 - a GLUE task in the GLUE download's format: a task folder (or GLUE root) with its dev split(s)
   only, or one of its TSV files (CoLA's headerless ones included);
 - a hub dataset split: `hub:<dataset>[:<config>]:<split>`, e.g. `hub:nyu-mll/glue:sst2:validation`.
@@ -28,8 +32,11 @@ from matekd_ds.data.loaders import (
     _read_lines,
     example_from_record,
     glue_split_names,
+    is_saved_dataset,
+    is_saved_dataset_dict,
     load_glue_dir,
     read_records,
+    split_selector,
     table_format,
 )
 from matekd_ds.errors import MatekdError
@@ -76,27 +83,56 @@ def column_choices(spec: TaskSpec, run_columns: Columns | None, text_columns: Se
 
 
 def read_source(source: str, spec: TaskSpec, choices: Sequence[Columns], labeled: bool,
-                id_column: str | None = None) -> list[Rows]:
-    """The examples of `source` (one Rows per split: a GLUE folder of MNLI has two)."""
+                id_column: str | None = None, no_header: bool = False) -> list[Rows]:
+    """The examples of `source` (one Rows per split: a GLUE folder of MNLI has two).
+    `no_header`: a CSV/TSV file without a header line, its columns chosen by number."""
     if source.startswith(HUB_PREFIX):
         return [_rows_of_records(source, _hub_records(source), spec, choices, labeled, id_column)]
-    path = Path(source).expanduser()
-    if path.is_dir():
+    path, key = split_selector(source)
+    if no_header:
+        choices = _numbered_choices(source, choices, labeled, id_column)
+    if _is_glue_folder(path, key, spec):
+        if no_header:
+            raise MatekdError(f"{source} is a folder; --no-header reads one CSV or TSV file")
         return _glue_folder(path, source, spec)
     if not path.exists():
         raise MatekdError(f"data file not found: {source}")
     kind = table_format(path)
-    if kind == "tsv" and spec.name in _TSV_LAYOUTS and _glue_layout_applies(path, spec, choices, labeled):
+    if (kind == "tsv" and not no_header and spec.name in _TSV_LAYOUTS
+            and _glue_layout_applies(path, spec, choices, labeled)):
         examples = _parse_glue_tsv(spec, _TSV_LAYOUTS[spec.name], path)
         return [Rows(source, examples, [str(i) for i in range(len(examples))])]
-    return [_rows_of_records(source, read_records(path), spec, choices, labeled, id_column)]
+    return [_rows_of_records(source, read_records(source, no_header), spec, choices, labeled, id_column)]
+
+
+def _is_glue_folder(path: Path, key: str | None, spec: TaskSpec) -> bool:
+    """A GLUE download folder, or a GLUE task's whole saved DatasetDict (read by its dev
+    splits); any other saved dataset is a table of rows."""
+    if not path.is_dir() or key is not None:
+        return False
+    return not is_saved_dataset(path) or (is_saved_dataset_dict(path) and spec.name in _TSV_LAYOUTS)
+
+
+def _numbered_choices(source: str, choices: Sequence[Columns], labeled: bool,
+                      id_column: str | None) -> list[Columns]:
+    """Without a header, columns are named by number ("0", "1", ...): keep the choices that are."""
+    def numbered(c: Columns) -> bool:
+        return all(str(name).isdigit() for name in (*c.text, *([c.label] if labeled else [])))
+
+    kept = [c for c in choices if numbered(c)]
+    if not kept or (id_column is not None and not id_column.isdigit()):
+        label = " --label-column N" if labeled else ""
+        raise MatekdError(f"{source}: --no-header: name the columns by number from 0 "
+                          f"(--text-columns 0[,1]{label}{' --id-column N' if id_column else ''})")
+    return kept
 
 
 def _glue_folder(path: Path, source: str, spec: TaskSpec) -> list[Rows]:
     """A GLUE folder (task folder or root): its dev split(s); no training file is needed."""
     if spec.name not in _TSV_LAYOUTS:
         raise MatekdError(f"{source} is a folder: a GLUE task's folder needs a GLUE task (task={spec.name} "
-                          "reads files: give a .csv, .tsv, .jsonl or .json file)")
+                          "reads files: give a .csv, .tsv, .jsonl, .json or .parquet file, or a folder saved "
+                          "with datasets' save_to_disk)")
     splits = [name for name in glue_split_names(spec) if name != "train"]
     out = []
     for split in splits:

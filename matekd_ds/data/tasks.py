@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from matekd_ds.config import RunConfig
+from matekd_ds.config import RunConfig, merge, parse_override, read_config_file
 from matekd_ds.data import synthetic
-from matekd_ds.data.glue import TaskSpec, get_task
+from matekd_ds.data.glue import GLUE_TASKS, TaskSpec, get_task
 from matekd_ds.data.loaders import Example, glue_split_names, load_glue, load_table
 from matekd_ds.errors import MatekdError
 from matekd_ds.metrics import METRIC_NAMES
@@ -69,7 +71,8 @@ def load_dev_sets(cfg: RunConfig) -> dict[str, list[Example]]:
     if cfg.task == "synthetic":
         return {"dev": synthetic.splits(d.synthetic.train_size, d.synthetic.dev_size, d.synthetic.seed)["dev"]}
     if cfg.task == "custom":
-        return {"dev": load_table(d.dev_file, d.text_columns, d.label_column, d.label_names, d.regression)}
+        return {"dev": load_table(d.dev_file, d.text_columns, d.label_column, d.label_names, d.regression,
+                                  d.no_header)}
     return {name: load_glue(spec, name, d.path) for name in glue_split_names(spec) if name != "train"}
 
 
@@ -87,7 +90,7 @@ def load_task_data(cfg: RunConfig) -> TaskData:
         spec = custom_spec(cfg)
 
         def read(path):
-            return load_table(path, d.text_columns, d.label_column, d.label_names, d.regression)
+            return load_table(path, d.text_columns, d.label_column, d.label_names, d.regression, d.no_header)
 
         train, dev = read(d.train_file), {"dev": read(d.dev_file)}
     else:
@@ -100,3 +103,31 @@ def load_task_data(cfg: RunConfig) -> TaskData:
     if not train:
         raise MatekdError(f"task {cfg.task}: the training split is empty")
     return TaskData(spec, train, dev)
+
+
+def glue_task_of_folder(path: str) -> str | None:
+    """The GLUE task a folder is named after (`SST-2` -> sst2, `sts_b` -> stsb), else None."""
+    name = Path(path).expanduser().absolute().name  # "../glue/SST-2/" and "." name their folder
+    try:
+        return get_task(name).name
+    except MatekdError:
+        return None
+
+
+def with_inferred_task(config: str | None, overrides: list[str]) -> list[str]:
+    """`matekd train data.path=../glue/SST-2` names no task: the GLUE folder's name says it (said
+    on stderr, and `task=` is added to `overrides`). A data.path whose folder names no GLUE task
+    is an error, not the synthetic demo trained beside it. Given a task, nothing changes."""
+    given = read_config_file(config) if config else {}
+    for text in overrides:
+        given = merge(given, parse_override(text))
+    data = given.get("data")
+    path = data.get("path") if isinstance(data, dict) else None
+    if "task" in given or not path:
+        return overrides
+    task = glue_task_of_folder(str(path))
+    if task is None:
+        raise MatekdError(f"data.path {path} given without task=; which GLUE task is it? "
+                          f"(task={', '.join(GLUE_TASKS)})")
+    print(f"[matekd] task={task}, from the name of data.path {path} (task=... says otherwise)", file=sys.stderr)
+    return [*overrides, f"task={task}"]
