@@ -12,15 +12,19 @@ and nowhere else, so what they exercise and time is what ships.
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
 from matekd_ds import distributed, models
+from matekd_ds.adversary import AdversaryProbe, frozen_copy
 from matekd_ds.config import RunConfig
 from matekd_ds.engines import TORCH_DTYPES, RunEngines
 from matekd_ds.inputs import RunInputs, build_partitioned_models, prepare_inputs
+from matekd_ds.losses import divergence
 from matekd_ds.methods import FineTune, KnowledgeDistillation, MateKD, Method, MlmWarmup
 from matekd_ds.partition import gathered_state_dict, is_partitioned
-from matekd_ds.perturb import Perturber
+from matekd_ds.perturb import Perturber, RandomTokens
 from matekd_ds.teacher import Teacher
 
 
@@ -52,7 +56,8 @@ def build_run(inputs: RunInputs, teacher: Teacher | None = None,
 
     `teacher`: the frozen teacher when the teacher phase already made it, else frozen here from
     inputs.models.teacher; `generator`: the warmed generator when a warm-up made one, else
-    inputs.models.generator. The student is inputs.models.student, or cut from the teacher."""
+    inputs.models.generator (None: matekd.perturbation random, which has none). The student is
+    inputs.models.student, or cut from the teacher."""
     engines, device = run_engines(inputs), distributed.device()
     if teacher is None and inputs.models.teacher is not None:
         teacher = engines.frozen_teacher(inputs.models.teacher, device)
@@ -75,11 +80,22 @@ def _student_method(inputs: RunInputs, engines: RunEngines, student: nn.Module, 
         return KnowledgeDistillation(student_engine, teacher, regression, cfg.kd.alpha, cfg.kd.temperature,
                                      frozen_dtype=frozen_dtype)
     m = cfg.matekd
+    perturber = Perturber.for_run(m, inputs.tokenizer)
+    settings = dict(regression=regression, temperature=m.temperature, loss_weights=m.loss_weights,
+                    generator_steps=m.generator_steps, student_steps=m.student_steps, frozen_dtype=frozen_dtype)
+    if m.perturbation == "random":  # the control arm: no generator, no generator engine
+        return MateKD(student_engine, None, teacher, perturber, random_tokens=RandomTokens.for_run(inputs.tokenizer),
+                      **settings)
     if m.generator_layers is not None:
         generator = models.keep_first_layers(generator, m.generator_layers)
-    return MateKD(student_engine, engines.generator(generator), teacher, Perturber.for_run(m, inputs.tokenizer),
-                  regression=regression, temperature=m.temperature, loss_weights=m.loss_weights,
-                  generator_steps=m.generator_steps, student_steps=m.student_steps, frozen_dtype=frozen_dtype)
+    warm = frozen_copy(generator) if m.adversary_probe else None  # before its engine trains it
+    generator_engine = engines.generator(generator)
+    probe = None
+    if warm is not None:
+        probe = AdversaryProbe.for_run(cfg, inputs.train, inputs.pad_id, warm, generator_engine.module, perturber,
+                                       teacher, partial(divergence, temperature=m.temperature, regression=regression),
+                                       frozen_dtype)
+    return MateKD(student_engine, generator_engine, teacher, perturber, probe=probe, **settings)
 
 
 def cut_student(inputs: RunInputs, teacher: nn.Module) -> nn.Module:

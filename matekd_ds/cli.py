@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--launcher", default=None,
                      help="command that starts each run, e.g. 'deepspeed --num_gpus 8' (default: this python)")
     exp.add_argument("--report-only", action="store_true", help="rebuild the results table from finished runs")
+    exp.add_argument("--only", metavar="REGEX", help="only the runs whose label matches (e.g. 'sst2/' or "
+                     "'bf16-seed[12]$'; --dry-run lists the labels), with the teacher and generator they need")
 
     ev = sub.add_parser("eval", help="score a model (or a run directory's student) on its dev sets or any labeled data")
     _model_arguments(ev)
@@ -382,7 +384,8 @@ def _run(args) -> int:
     if args.command == "experiment":
         from matekd_ds import experiment
         _take_over_stops()  # between jobs a stop ends the sweep at once; during one it goes to the job
-        return experiment.main(args.spec, dry_run=args.dry_run, launcher=args.launcher, report_only=args.report_only)
+        return experiment.main(args.spec, dry_run=args.dry_run, launcher=args.launcher, report_only=args.report_only,
+                                 only=args.only)
     if args.command == "predict":
         return _predict(args)
     if args.command == "export":
@@ -392,7 +395,7 @@ def _run(args) -> int:
 
 def _train(args) -> int:
     from matekd_ds import signals
-    from matekd_ds.config import load_config
+    from matekd_ds.config import load_config, uses_generator
     from matekd_ds.health import Diverged
 
     signals.install()  # from here to exit: a SIGTERM while loading stops cleanly too
@@ -403,8 +406,9 @@ def _train(args) -> int:
     config_path = run_config_path(args.config, args.overrides)
     cfg = load_config(config_path, args.overrides)
     generator_only = args.command == "warmup-generator"
-    if generator_only and (cfg.method != "matekd" or cfg.matekd.generator_mlm_warmup_steps == 0):
-        raise MatekdError("warmup-generator needs method=matekd and matekd.generator_mlm_warmup_steps > 0")
+    if generator_only and (not uses_generator(cfg) or cfg.matekd.generator_mlm_warmup_steps == 0):
+        raise MatekdError("warmup-generator needs method=matekd, matekd.perturbation=generator and "
+                          "matekd.generator_mlm_warmup_steps > 0")
     from matekd_ds import pipeline, summary
     from matekd_ds.faults import FaultInjection
     from matekd_ds.run_dir import RunDir

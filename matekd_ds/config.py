@@ -22,6 +22,7 @@ import yaml
 from matekd_ds.errors import MatekdError
 
 METHODS = ("ft", "kd", "matekd")
+PERTURBATIONS = ("generator", "random")  # matekd.perturbation
 # AdamW moves every weight by about lr per step: above 1 no training converges, it only overflows.
 MAX_LR = 1.0
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -111,6 +112,20 @@ class MatekdConfig:
     # MATE-KD's generator cut to its first k encoder layers (after any MLM warm-up), keeping its
     # MLM head: a cheaper adversary. null = all of them.
     generator_layers: int | None = None
+    # What rewrites the masked tokens. generator: the adversarial masked LM (MATE-KD). random: a
+    # control arm, each masked token replaced by one drawn uniformly from the vocabulary without
+    # the tokenizer's special tokens (the same masks; the same student step). With random no
+    # generator is loaded, warmed up or trained: generator_steps and generator_mlm_warmup_steps
+    # are taken as 0 (and recorded so in config.yaml), models.generator and the generator_* keys
+    # are not read.
+    perturbation: str = "generator"
+    # Measure the adversary (adversary.py): after every generator phase, the divergence on a fixed
+    # probe set perturbed by the trained generator and by a frozen copy of the generator as the
+    # student phase got it, and how far its weights moved. Logged as generator/adversary_*,
+    # recorded per phase in metrics.json "adversary". Needs perturbation generator,
+    # generator_steps > 0 and a generator below ZeRO-3 (the copy is whole).
+    adversary_probe: bool = False
+    adversary_probe_batches: int = 4  # training micro-batches per rank in the probe set
 
 
 @dataclass
@@ -392,6 +407,27 @@ def _check(ok: bool, message: str) -> None:
         raise MatekdError(message)
 
 
+def uses_generator(cfg: RunConfig) -> bool:
+    """Whether the run loads a generator: MATE-KD, unless its masked tokens are random ones."""
+    return cfg.method == "matekd" and cfg.matekd.perturbation == "generator"
+
+
+def _check_perturbation(cfg: RunConfig) -> None:
+    """matekd.perturbation and the adversary probe; random takes the generator's steps as 0."""
+    m = cfg.matekd
+    _check(m.perturbation in PERTURBATIONS,
+           f"matekd.perturbation must be one of {', '.join(PERTURBATIONS)}, got '{m.perturbation}'")
+    _check(m.adversary_probe_batches >= 1,
+           f"matekd.adversary_probe_batches must be >= 1, got {m.adversary_probe_batches}")
+    if m.perturbation == "random":  # no generator: nothing to train or warm up
+        m.generator_steps = m.generator_mlm_warmup_steps = 0
+    if m.adversary_probe and cfg.method == "matekd":
+        _check(m.perturbation == "generator",
+               "matekd.adversary_probe measures the generator; matekd.perturbation random has none")
+        _check(m.generator_steps > 0,
+               "matekd.adversary_probe measures the generator's training; matekd.generator_steps 0 never trains it")
+
+
 def validate(cfg: RunConfig, for_training: bool = True) -> None:
     """Value checks that types alone cannot express."""
     _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)}, got '{cfg.method}'")
@@ -416,6 +452,7 @@ def validate(cfg: RunConfig, for_training: bool = True) -> None:
            f"matekd.generator_mlm_warmup_weight_decay must be >= 0, got {m.generator_mlm_warmup_weight_decay}")
     _check(m.generator_layers is None or m.generator_layers >= 1,
            f"matekd.generator_layers must be >= 1 (or null for all), got {m.generator_layers}")
+    _check_perturbation(cfg)
     _check(cfg.train.frozen_forward_dtype in (None, "bf16", "fp16"),
            f"train.frozen_forward_dtype must be null, bf16 or fp16, got '{cfg.train.frozen_forward_dtype}'")
     _check(0.0 <= cfg.kd.alpha <= 1.0, f"kd.alpha must be in [0, 1], got {cfg.kd.alpha}")

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from matekd_ds.config import RunConfig
+from matekd_ds.config import RunConfig, uses_generator
 from matekd_ds.errors import MatekdError
 
 HALF_DTYPES = ("bf16", "fp16")  # the DeepSpeed config blocks that switch precision on
@@ -302,10 +302,11 @@ def resolve_run_ds_configs(cfg: RunConfig, world_size: int,
                            with_teacher: bool) -> tuple[dict[str, dict[str, Any]], str]:
     """Every engine's finalized DeepSpeed config for a run, and the run's one precision.
 
-    Keys: "student", "generator" (method matekd) and "teacher" (a ZeRO-3 teacher engine, when
-    deepspeed.teacher is not "none" and the run has a teacher). Teacher fine-tuning and the
-    generator's MLM warm-up train with the student's and the generator's configs."""
-    roles = ["student"] + (["generator"] if cfg.method == "matekd" else [])
+    Keys: "student", "generator" (method matekd, unless matekd.perturbation is random) and
+    "teacher" (a ZeRO-3 teacher engine, when deepspeed.teacher is not "none" and the run has a
+    teacher). Teacher fine-tuning and the generator's MLM warm-up train with the student's and the
+    generator's configs."""
+    roles = ["student"] + (["generator"] if uses_generator(cfg) else [])
     raw = {role: read_ds_config(getattr(cfg.deepspeed, role)) for role in roles}
     dtype = resolve_dtype(cfg.train.dtype, raw)
     clips = {"student": cfg.train.clip, "generator": cfg.matekd.generator_clip}

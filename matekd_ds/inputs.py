@@ -23,7 +23,7 @@ import torch
 
 from matekd_ds import distributed, models
 from matekd_ds.checkpoint import verify_export
-from matekd_ds.config import RunConfig
+from matekd_ds.config import RunConfig, uses_generator
 from matekd_ds.data.batching import Encoded, TrainStream, encode
 from matekd_ds.data.tasks import TaskData, load_task_data
 from matekd_ds.data.tokenizer import train_wordpiece
@@ -45,7 +45,8 @@ class Partitioned:
 @dataclass(frozen=True)
 class RunModels:
     """The models a run starts from. None: not used by this run (teacher for plain ft, the
-    generator outside matekd), or (student) cut from the teacher after its fine-tuning."""
+    generator outside matekd or with matekd.perturbation random), or (student) cut from the
+    teacher after its fine-tuning."""
 
     teacher: torch.nn.Module | Partitioned | None
     student: torch.nn.Module | Partitioned | None
@@ -173,17 +174,21 @@ def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | No
         student = _classifier(cfg, "student", cfg.models.student, num_labels, tokenizer, regression, zero3["student"])
     else:
         models.check_student_layers(structure(teacher).config, cfg.models.student_init_from_teacher_layers)
-    if cfg.method == "matekd":
+    if uses_generator(cfg):
         generator_spec = str(resumed.model_dir("generator_warm")) if warm else cfg.models.generator
         generator = _generator(cfg, generator_spec, tokenizer, zero3["generator"])
         # an unsupported MLM head is refused now, not after the teacher phase
         models.masked_lm_parts(structure(generator))
         _check_generator_layers(cfg, generator)
+        _check_adversary_probe(cfg, generator)
     loaded = {role: structure(m) for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
               if m is not None}
     models.check_shared_vocabulary(loaded, tokenizer)
     if not cfg.models.tokenizer:
-        models.check_tokenizers_agree({"student": cfg.models.student, "generator": cfg.models.generator}, tokenizer)
+        shipped = {"student": cfg.models.student}
+        if generator is not None:
+            shipped["generator"] = cfg.models.generator
+        models.check_tokenizers_agree(shipped, tokenizer)
     models.check_input_length(loaded, cfg.data.max_length)
     return RunModels(teacher, student, generator, teacher_is_finetuned=finetuned, generator_is_warm=warm)
 
@@ -195,6 +200,12 @@ def _check_generator_layers(cfg: RunConfig, generator: torch.nn.Module | Partiti
     if isinstance(generator, Partitioned):
         raise MatekdError("matekd.generator_layers cuts a generator built whole: use deepspeed.generator below ZeRO-3")
     models.check_generator_layers(generator, keep)
+
+
+def _check_adversary_probe(cfg: RunConfig, generator: torch.nn.Module | Partitioned) -> None:
+    if cfg.matekd.adversary_probe and isinstance(generator, Partitioned):
+        raise MatekdError("matekd.adversary_probe keeps a whole copy of the generator: use deepspeed.generator "
+                          "below ZeRO-3")
 
 
 def structure(model: torch.nn.Module | Partitioned) -> torch.nn.Module:

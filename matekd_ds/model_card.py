@@ -26,6 +26,7 @@ CARD = "README.md"
 CARDED_EXPORTS = ("student", "student_best", "teacher")
 METHOD_NAMES = {"ft": "fine-tuning on the labels", "kd": "knowledge distillation (Hinton et al., 2015)",
                 "matekd": "MATE-KD (Rashid et al., ACL 2021): knowledge distillation with masked adversarial text"}
+RANDOM_TOKENS = "random tokens (uniform over the vocabulary without its special tokens)"  # matekd.perturbation random
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +69,13 @@ def _teacher(cfg: RunConfig, metrics: dict[str, Any]) -> str:
     return f"`{cfg.models.teacher}`{tuned}{size}"
 
 
+def _method_name(cfg: RunConfig) -> str:
+    if cfg.method == "matekd" and cfg.matekd.perturbation == "random":
+        return f"{METHOD_NAMES['matekd']}, its masked tokens replaced by {RANDOM_TOKENS} instead of a generator's " \
+               "(a control arm)"
+    return METHOD_NAMES[cfg.method]
+
+
 def hyper_parameters(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     t = cfg.train
     length = {"max_steps": t.max_steps} if t.max_steps is not None else {"epochs": t.epochs}
@@ -81,10 +89,16 @@ def hyper_parameters(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         out.update({"kd alpha": cfg.kd.alpha, "kd temperature": cfg.kd.temperature})
     if cfg.method == "matekd":
         m = cfg.matekd
+        weights = [round(w, 4) for w in m.loss_weights]
+        if m.perturbation == "random":
+            out.update({"mask probability": m.mask_prob, "masked tokens replaced by": RANDOM_TOKENS,
+                        "temperature": m.temperature, "loss weights (CE, div clean, div perturbed)": weights})
+            return out
+        frozen = " (a frozen generator, never trained)" if m.generator_steps == 0 else ""
         out.update({"mask probability": m.mask_prob, "gumbel tau": m.gumbel_tau, "temperature": m.temperature,
-                    "generator steps / student steps": f"{m.generator_steps} / {m.student_steps}",
+                    "generator steps / student steps": f"{m.generator_steps} / {m.student_steps}{frozen}",
                     "generator learning rate": m.generator_lr,
-                    "loss weights (CE, div clean, div perturbed)": [round(w, 4) for w in m.loss_weights],
+                    "loss weights (CE, div clean, div perturbed)": weights,
                     "generator MLM warm-up steps": m.generator_mlm_warmup_steps,
                     "budget counts": "student steps" if m.extra_generator_steps else "generator and student steps"})
     return out
@@ -181,7 +195,7 @@ def render_teacher(cfg: RunConfig, metrics: dict[str, Any], run_name: str) -> st
     labels = ", ".join(spec.label_names) if spec.label_names else "a regression score"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
              (f"The teacher of a matekd-ds run for **{spec.name}** ({labels}): `{cfg.models.teacher}` fine-tuned on "
-              f"the labels, then frozen to teach a student with {METHOD_NAMES[cfg.method]}."), "",
+              f"the labels, then frozen to teach a student with {_method_name(cfg)}."), "",
              "## Model description", "", "| | |", "|---|---|",
              f"| task | `{spec.name}`: {labels} |", f"| initialised from | `{cfg.models.teacher}` |"]
     if scores.get("params"):
@@ -217,7 +231,7 @@ def render(cfg: RunConfig, metrics: dict[str, Any], robustness: dict[str, Any] |
     student_params = (metrics.get("student") or {}).get("params")
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", "",
              (f"A student model for **{spec.name}** ({labels}), trained by matekd-ds on DeepSpeed with "
-             f"{METHOD_NAMES[cfg.method]}."), "",
+             f"{_method_name(cfg)}."), "",
              "## Model description", "", "| | |", "|---|---|",
              f"| task | `{spec.name}`: {labels} |", f"| method | `{cfg.method}` |",
              f"| teacher | {_teacher(cfg, metrics)} |",
@@ -226,7 +240,9 @@ def render(cfg: RunConfig, metrics: dict[str, Any], robustness: dict[str, Any] |
                 if cfg.models.student_init_from_teacher_layers else "")
              + " |"]
     if cfg.method == "matekd":
-        lines.append(f"| generator | `{cfg.models.generator}` |")
+        random = cfg.matekd.perturbation == "random"
+        lines.append(f"| generator | {RANDOM_TOKENS}: no generator (a control arm) |" if random
+                     else f"| generator | `{cfg.models.generator}` |")
     if student_params:
         lines.append(f"| parameters | {student_params / 1e6:.2f}M |")
     lines += ["", "## Training data", "", f"- {_data_source(cfg)}"]

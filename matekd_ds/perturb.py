@@ -1,6 +1,10 @@
 """The generator's side of MATE-KD: rewrite the masked tokens of a batch.
 
-Two forms of the same perturbation:
+Two samplers share one shape, `sample_perturbed_ids(generator, mb, seed)`: the Perturber (the
+generator's samples) and RandomTokens (matekd.perturbation random, the control arm: uniform
+tokens, no generator). The Perturber draws the masks for both.
+
+Two forms of the generator's perturbation:
 - `sample_perturbed_ids` (student steps): no gradient is needed, so the sampled tokens are fed
   back as ids. No B×L×V one-hot, no matmul with the embeddings, no backward through anything.
 - `soft_embeddings` (generator steps): the straight-through one-hot y [M, V] of the masked
@@ -91,6 +95,32 @@ class Perturber:
         logits = self.masked_logits(generator, mb)
         _, y = gumbel_softmax_sample(logits, tau=self.tau, hard=True, seed=seed)
         return y
+
+
+class RandomTokens:
+    """matekd.perturbation random: each masked token replaced by a token drawn uniformly from the
+    vocabulary without the special tokens, as a control for the generator's samples (is it the
+    adversary, or any masked-LM-style noise?). The draw comes from a CPU generator seeded with the
+    step's seed, as the masks do: the same on every device, on resume and between runs."""
+
+    def __init__(self, vocab_size: int, special_ids: list[int]):
+        special = set(special_ids)
+        self.candidates = torch.tensor([i for i in range(vocab_size) if i not in special], dtype=torch.long)
+        if not len(self.candidates):
+            raise ValueError("random tokens: the vocabulary holds special tokens only")
+
+    @classmethod
+    def for_run(cls, tokenizer) -> RandomTokens:
+        """Every id the tokenizer can produce (len(tokenizer)), less its special ones."""
+        return cls(len(tokenizer), tokenizer.all_special_ids)
+
+    @torch.no_grad()
+    def sample_perturbed_ids(self, generator: nn.Module | None, mb: MaskedBatch, seed: int) -> torch.Tensor:
+        """`generator` is not used (the Perturber's shape). One draw per position of the batch,
+        kept at the masked ones: no host sync for the number of masked tokens."""
+        draws = torch.randint(len(self.candidates), mb.input_ids.shape, generator=torch.Generator().manual_seed(seed))
+        replacements = self.candidates[draws].to(mb.input_ids.device)
+        return torch.where(mb.mask, replacements, mb.input_ids)
 
 
 # The generator step's soft input, computed where a ZeRO-3 partitioned E is whole.

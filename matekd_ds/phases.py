@@ -172,6 +172,7 @@ class StudentOutcome:
     state: LoopState  # steps, evaluations, best, throughput counters
     params: int
     memory: dict[str, dict[str, Any]]  # per trained engine: parameter bytes per rank
+    adversary: list[dict[str, Any]] | None = None  # matekd.adversary_probe: one record per generator phase
 
 
 def student_phase(ctx: PhaseContext, teacher: Teacher | None, generator: torch.nn.Module | None) -> StudentOutcome:
@@ -185,7 +186,8 @@ def student_phase(ctx: PhaseContext, teacher: Teacher | None, generator: torch.n
     total = ctx.engines.student_phase_steps
     on_best = partial(ctx.run.export, "student_best", student, inputs.tokenizer) if cfg.eval.save_best else None
     trainer = ctx.trainer(method, "student", total, ctx.dev_evaluator(student, device), device, on_best)
-    log.info(f"[student] {cfg.method} for {total} steps")
+    arm = " (random tokens, no generator)" if cfg.method == "matekd" and cfg.matekd.perturbation == "random" else ""
+    log.info(f"[student] {cfg.method} for {total} steps{arm}")
     state = trainer.fit(ctx.resume)
     ctx.run.export("student", student, inputs.tokenizer)
-    return StudentOutcome(state, param_numel(student), memory)
+    return StudentOutcome(state, param_numel(student), memory, getattr(method, "adversary_records", None))

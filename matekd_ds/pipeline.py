@@ -180,7 +180,8 @@ def refresh_cards(run: RunDir) -> None:
 
 
 def start_metrics(cfg: RunConfig, spec, dtype: str) -> dict[str, Any]:
-    return {"status": "running", "task": spec.name, "method": cfg.method, "metric": spec.main_metric,
+    arm = {"perturbation": cfg.matekd.perturbation} if cfg.method == "matekd" else {}  # generator or random
+    return {"status": "running", "task": spec.name, "method": cfg.method, **arm, "metric": spec.main_metric,
             "world_size": distributed.world_size(), "dtype": dtype,
             "kernels": backend_info()}  # which Triton (or torch) kernels ran
 
@@ -218,6 +219,7 @@ def student_metrics(outcome: StudentOutcome, teacher: TeacherOutcome) -> dict[st
     state = outcome.state
     seconds = max(state.train_seconds, 1e-9)
     memory = {"teacher": teacher.memory} if teacher.memory is not None else {}
+    adversary = {"adversary": outcome.adversary} if outcome.adversary is not None else {}
     return {
         "student": {"params": outcome.params, "steps": state.step},
         "memory": {**memory, **outcome.memory},
@@ -226,4 +228,5 @@ def student_metrics(outcome: StudentOutcome, teacher: TeacherOutcome) -> dict[st
         "evaluations": state.evaluations,
         "throughput": {"samples_per_s": state.samples / seconds, "tokens_per_s": state.tokens / seconds,
                        "train_seconds": state.train_seconds},
+        **adversary,
     }

@@ -45,8 +45,9 @@ from matekd_ds.durable import atomic_folder, write_atomic
 from matekd_ds.errors import MatekdError
 from matekd_ds.partition import gathered_state_dict, is_partitioned
 
-# Keys whose change makes a checkpoint meaningless: a resume must keep them.
-RESUME_LOCKED = ("task", "method", "models", "data")
+# Keys whose change makes a checkpoint meaningless: a resume must keep them (matekd.perturbation:
+# the random arm's checkpoints hold no generator engine).
+RESUME_LOCKED = ("task", "method", "models", "data", "matekd.perturbation")
 LOCK = ".lock"  # held (flock) by the process that runs in the directory, for the life of the run
 # Space set aside while a run is in the directory: freed just before metrics.json records how the
 # run ended, so that a disk filled mid-run still gets "failed" and its reason written.
@@ -233,7 +234,7 @@ class RunDir:
             saved = config_from_dict(self.read_config()).to_dict()
             current = cfg.to_dict()
             for key in RESUME_LOCKED:
-                if saved.get(key) != current[key]:
+                if _dotted(saved, key) != _dotted(current, key):
                     raise MatekdError(f"--resume: '{key}' differs from the run in {self.path}; "
                                       f"a checkpoint only resumes with the same {key}")
         elif not cfg.output.overwrite:
@@ -399,6 +400,13 @@ class RunDir:
         # Only rank 0 renders cards.
         self._robustness = self.read_robustness() if resume and distributed.is_main() else None
         distributed.barrier()
+
+
+def _dotted(config: dict[str, Any], key: str) -> Any:
+    """config["matekd"]["perturbation"] for "matekd.perturbation"."""
+    for part in key.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
 
 
 def _same_file(fd: int, path: Path) -> bool:

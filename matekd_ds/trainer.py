@@ -25,8 +25,9 @@ from matekd_ds.health import Diverged, TrainingHealth
 from matekd_ds.methods.base import Method
 from matekd_ds.monitor import Monitor, log
 
-# Each phase draws its own masks and noise (the student phase's offset is 7_919).
-PHASE_SEED_OFFSETS = {"teacher": 0, "student": 7_919, "generator_warmup": 104_723}
+# Each phase draws its own masks and noise (the student phase's offset is 7_919); so does the
+# adversary probe's fixed set (adversary.py), apart from every training step's.
+PHASE_SEED_OFFSETS = {"teacher": 0, "student": 7_919, "generator_warmup": 104_723, "adversary_probe": 224_737}
 
 
 # Seeds are a pure function of (seed, phase, step, micro-batch, rank), so a resumed run draws the
@@ -253,11 +254,15 @@ class Trainer:
         self.checkpointer.save(self.method.engines, self.state.step, self._state_dict())
 
     def _state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.state.step, "evaluations": self.state.evaluations, "best": self.state.best,
             "train_seconds": self.state.train_seconds, "samples": self.state.samples, "tokens": self.state.tokens,
             "world_size": self.world, "grad_accum": self.loop.grad_accum, "micro_batch": self.loop.micro_batch,
         }
+        extra = self.method.state_dict() if hasattr(self.method, "state_dict") else None
+        if extra:  # what a method keeps outside its engines (MATE-KD's adversary probe)
+            state["method"] = extra
+        return state
 
     def _restore(self) -> bool:
         saved = self.checkpointer.load(self.method.engines)
@@ -270,5 +275,7 @@ class Trainer:
             step=saved["step"], evaluations=saved["evaluations"], best=saved["best"],
             train_seconds=saved["train_seconds"], samples=saved["samples"], tokens=saved["tokens"],
         )
+        if hasattr(self.method, "load_state_dict"):
+            self.method.load_state_dict(saved.get("method") or {})
         log.info(f"[{self.loop.phase}] resumed at step {self.state.step}")
         return True

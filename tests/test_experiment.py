@@ -16,6 +16,7 @@ from matekd_ds.config import config_from_dict, merge
 from matekd_ds.data.tasks import load_task_data
 from matekd_ds.errors import MatekdError
 from matekd_ds.experiment import runner as sweep_runner
+from matekd_ds.experiment import select
 from matekd_ds.experiment.plan import plan
 from matekd_ds.experiment.report import report_rows, results_table, write_report
 from matekd_ds.experiment.spec import read_spec
@@ -122,6 +123,27 @@ def test_plan_prepares_first_then_goes_seed_by_seed(tmp_path):
     assert fast["models"]["teacher"] == teacher_dir and fast["models"]["generator"] == warm
     assert fast["matekd"]["generator_mlm_warmup_steps"] == 0
     assert by_name["ft-seed1"].needs == ["teacher"] and by_name["matekd-fast-seed1"].needs == ["teacher", "generator"]
+
+
+def test_only_selects_matching_runs_with_the_preparation_they_need(tmp_path):
+    runs = plan(read_spec(_spec(tmp_path)))
+    assert select(runs, None) == runs
+    # an FT student needs the teacher only; a MATE-KD one the teacher and the generator
+    assert [r.name for r in select(runs, "ft-seed2$")] == ["teacher", "ft-seed2"]
+    assert [r.name for r in select(runs, "matekd-fast-seed1")] == ["teacher", "generator", "matekd-fast-seed1"]
+    assert [r.name for r in select(runs, "synthetic/generator")] == ["teacher", "generator"]  # it warms on the teacher
+    with pytest.raises(MatekdError, match="matches none of the spec's runs"):
+        select(runs, "sst2/")
+    with pytest.raises(MatekdError, match="is not a regular expression"):
+        select(runs, "kd-seed[")
+
+
+def test_only_on_the_command_line_lists_just_those_runs(tmp_path):
+    result = run_cli(["experiment", str(_spec(tmp_path)), "--dry-run", "--only", "ft-seed1$"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[1] for line in result.stdout.splitlines()] == ["synthetic/teacher", "synthetic/ft-seed1"]
+    bad = run_cli(["experiment", str(_spec(tmp_path)), "--dry-run", "--only", "nothing-like-this"], tmp_path)
+    assert bad.returncode != 0 and "matches none" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # The teacher on the whole training set, the students on its first 32 or 64 examples.

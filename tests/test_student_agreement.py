@@ -53,6 +53,21 @@ def test_only_keeps_the_students_measured_with_the_same_perturbation(tmp_path, a
             agreement.kept_runs(out, *other)  # another rate, sample, size or text
 
 
+def test_checkpoint_final_compares_each_runs_last_export_and_never_merges_with_best(tmp_path, agreement):
+    for name, exports in (("kd-seed1", ("student_best", "student")), ("kd-seed2", ("student_best",))):
+        for export in exports:
+            (tmp_path / name / export).mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    assert [r.name for r in agreement.student_runs(tmp_path, agreement.CHECKPOINTS["final"])] == ["kd-seed1"]
+    assert len(agreement.student_runs(tmp_path, agreement.CHECKPOINTS["best"])) == 2
+    out = tmp_path / "agreement.json"
+    out.write_text(json.dumps({"mask_prob": 0.3, "examples": 500,
+                               "runs": {"kd-seed1": {"acc": 0.8, "acc_perturbed_kept": 0.7}}}))
+    assert agreement.kept_runs(out, 0.3, 0, 500, None, "best")  # no checkpoint recorded: best
+    with pytest.raises(SystemExit, match="another perturbation or checkpoint"):
+        agreement.kept_runs(out, 0.3, 0, 500, None, "final")
+
+
 def test_only_refuses_to_merge_with_rows_missing_a_column(tmp_path, agreement):
     out = tmp_path / "agreement.json"
     out.write_text(json.dumps({"mask_prob": 0.3, "examples": 500, "runs": {"kd-seed1": {"acc": 0.8}}}))

@@ -3,7 +3,8 @@ clean dev set and on the same dev set perturbed the MATE-KD way (the warmed gene
 masked tokens; one fixed sample, shared by every student).
 
 MATE-KD trains the student to match the teacher on such perturbed text. This measures whether it
-did: per student (its best-dev checkpoint), and as mean ± std per method over the seeds,
+did: per student (its best-dev checkpoint, or with `--checkpoint final` its last), and as
+mean ± std per method over the seeds,
 - acc / acc_perturbed: accuracy against the gold labels on clean / perturbed dev text;
 - agree / agree_perturbed: the fraction of dev examples where student and teacher predict the
   same class;
@@ -17,6 +18,7 @@ did: per student (its best-dev checkpoint), and as mean ± std per method over t
     python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000   # a transfer-set size
     ... --out agreement.json --only 'matekd-glr'   # these students only, merged into --out's others
     ... --data heldout.tsv --out agreement_heldout.json   # a labeled file in place of the dev set
+    ... --checkpoint final   # each run's last checkpoint (student/) instead of its best on dev
 
 Classification tasks only. The perturbation and the comparison are the product's
 (matekd_ds/robustness.py, what `matekd eval RUN --perturbed` reports for one run); this script
@@ -77,10 +79,13 @@ def heldout_examples(cfg, spec, source: str):
         raise SystemExit(f"student_agreement: --data {source}: {error}") from None
 
 
-def student_runs(task_dir: Path) -> list[Path]:
+CHECKPOINTS = {"best": "student_best", "final": "student"}  # --checkpoint -> the run's export
+
+
+def student_runs(task_dir: Path, export: str = "student_best") -> list[Path]:
     """The finished student runs (<method>-seed<k>) of one task, as the experiment runner sees them."""
     return sorted(r for r in task_dir.iterdir() if re.search(r"-seed\d+$", r.name)
-                  and RunDir(r).model_dir("student_best").is_dir() and RunDir(r).status() == "completed")
+                  and RunDir(r).model_dir(export).is_dir() and RunDir(r).status() == "completed")
 
 
 def generator_run(task_dir: Path) -> Path:
@@ -93,14 +98,16 @@ def generator_run(task_dir: Path) -> Path:
 
 
 def kept_runs(out: Path | None, mask_prob: float, seed: int, examples: int,
-              data: str | None = None) -> dict[str, dict[str, float]]:
-    """The students already measured in `out` with the same perturbation of the same text, to merge with."""
+              data: str | None = None, checkpoint: str = "best") -> dict[str, dict[str, float]]:
+    """The students already measured in `out` with the same perturbation of the same text (and
+    the same checkpoint of each run), to merge with."""
     if out is None or not out.is_file():
         return {}
     old = json.loads(out.read_text())
-    if (old.get("mask_prob"), old.get("seed", 0), old.get("examples"), old.get("data")) \
-            != (mask_prob, seed, examples, data):
-        raise SystemExit(f"student_agreement: {out} was measured with another perturbation; rerun without --only")
+    if (old.get("mask_prob"), old.get("seed", 0), old.get("examples"), old.get("data"),
+            old.get("checkpoint", "best")) != (mask_prob, seed, examples, data, checkpoint):
+        raise SystemExit(f"student_agreement: {out} was measured with another perturbation or checkpoint; "
+                         "rerun without --only")
     if any("acc_perturbed_kept" not in row for row in old["runs"].values()):
         raise SystemExit(f"student_agreement: {out} predates acc_perturbed_kept; rerun without --only")
     return old["runs"]
@@ -129,11 +136,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the numbers to this JSON file")
     parser.add_argument("--data", metavar="FILE", help="measure on this labeled file (the task's format, as "
                         "`matekd eval --data` reads it) instead of the dev set: e.g. a held-out split")
+    parser.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="best",
+                        help="each run's best-on-dev checkpoint (student_best/, default) or its last (student/)")
     parser.add_argument("--only", metavar="REGEX", help="measure only the students whose run name matches; "
                         "the other students of an existing --out (same perturbation) are kept")
     args = parser.parse_args()
 
-    runs = [r for r in student_runs(args.task_dir) if not args.only or re.search(args.only, r.name)]
+    export = CHECKPOINTS[args.checkpoint]
+    runs = [r for r in student_runs(args.task_dir, export) if not args.only or re.search(args.only, r.name)]
     if not runs:
         raise SystemExit(f"student_agreement: no finished student runs in {args.task_dir}")
     cfg = config_from_dict(RunDir(runs[0]).read_config())
@@ -155,9 +165,10 @@ def main() -> None:
                                     predict(teacher, noisy, BATCH, pad, DEVICE))
 
     label_kept = rewrite_kept_label(teacher_clean, teacher_noisy, labels)
-    per_run = kept_runs(args.out, args.mask_prob, args.seed, len(dev), args.data) if args.only else {}
+    per_run = kept_runs(args.out, args.mask_prob, args.seed, len(dev), args.data, args.checkpoint) \
+        if args.only else {}
     for run in runs:
-        student = models.load_classifier("student", str(RunDir(run).model_dir("student_best")), data.spec.num_labels,
+        student = models.load_classifier("student", str(RunDir(run).model_dir(export)), data.spec.num_labels,
                                          tokenizer, False).eval()
         clean = compare(predict(student, dev, BATCH, pad, DEVICE), teacher_clean, labels)
         student_noisy = predict(student, noisy, BATCH, pad, DEVICE)
@@ -177,7 +188,8 @@ def main() -> None:
     print(f"teacher: {json.dumps({k: round(v, 4) for k, v in teacher_row.items()})}")
     if args.out:
         args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "data": args.data, "mask_prob": args.mask_prob,
-                                        "seed": args.seed, "examples": len(dev), "teacher": teacher_row,
+                                        "seed": args.seed, "checkpoint": args.checkpoint, "examples": len(dev),
+                                        "teacher": teacher_row,
                                         "runs": per_run, "summary": table}, indent=2) + "\n")
 
 

@@ -22,7 +22,8 @@ still covers every task. At the end: <out>/results.json (task -> method -> per-s
 main metric, in percent), results.md (mean ± std, and the students' mean training time),
 details.json (teacher scores, curves, times) and dev_curves.png. With `transfer_sizes`, each
 task and size is its own row, `<task>@<N>` (sst2@1000), every size of a task with the same
-teacher.
+teacher. `--only REGEX` runs part of a sweep (the runs whose label matches, with the teacher and
+generator they need); the report still covers every finished run of the spec.
 
 Spec (YAML):
     output_dir: runs/minilm-glue
@@ -37,6 +38,8 @@ Spec (YAML):
     teacher: {model: PATH, finetune: {...run-config keys of the teacher's ft run...}}
              # or finetuned: {sst2: PATH, ...} to skip fine-tuning
     generator: {model: PATH, mlm_warmup: {matekd: {generator_mlm_warmup_steps: 300}}}
+               # needed by the matekd variants that use one: not by a variant whose base or
+               # overrides say matekd.perturbation: random (random tokens, no generator)
     transfer_sizes: [500, 1000, 2000] # optional; students per size, e.g. with a teacher trained
                                       # on everything: teacher.finetune.data.max_train_examples: null
     extends: transfer_sets.yaml       # optional; this spec deep-merged over that one (path relative
@@ -49,7 +52,10 @@ their metrics.json, plot.py draws dev_curves.png.
 
 from __future__ import annotations
 
+import re
 import sys
+
+from matekd_ds.errors import MatekdError
 
 # aliased so that the name `plan` here stays the submodule, not its function
 from matekd_ds.experiment.plan import plan as plan_runs
@@ -60,20 +66,39 @@ from matekd_ds.experiment.spec import read_spec
 __all__ = ["main"]
 
 
-def main(spec_path: str, dry_run: bool = False, launcher: str | None = None, report_only: bool = False) -> int:
+def select(runs: list, only: str | None) -> list:
+    """The runs whose label (`sst2/n1000/kd-seed1`, `subj/teacher`) matches the regular expression
+    `only`, with the teacher and generator runs they need: part of a sweep, e.g. one task or one arm
+    first. None: every run."""
+    if only is None:
+        return runs
+    try:
+        pattern = re.compile(only)
+    except re.error as err:
+        raise MatekdError(f"--only {only!r} is not a regular expression: {err}") from None
+    chosen = {run.label for run in runs if pattern.search(run.label)}
+    if not chosen:
+        raise MatekdError(f"--only {only!r} matches none of the spec's runs (e.g. {runs[0].label})")
+    needed = {f"{run.task}/{need}" for run in runs if run.label in chosen for need in run.needs}
+    return [run for run in runs if run.label in chosen or run.label in needed]
+
+
+def main(spec_path: str, dry_run: bool = False, launcher: str | None = None, report_only: bool = False,
+         only: str | None = None) -> int:
     spec = read_spec(spec_path)
     runs = plan_runs(spec)
+    selected = select(runs, only)
     if dry_run:
-        for run in runs:
+        for run in selected:
             state = "done" if run.completed() else "todo"
             print(f"[{state}] {run.label:28s} {run.command} -> {run.run_dir}")
         return 0
     try:
-        problems = [] if report_only else run_all(runs, launcher)
+        problems = [] if report_only else run_all(selected, launcher)
     except SweepStopped as stop:
         print(f"matekd: {stop}", file=sys.stderr)
         return stop.exit_code
-    write_report(spec, runs)
+    write_report(spec, runs)  # every finished run of the spec, selected or not
     if problems:
         print("[experiment] not finished: " + "; ".join(problems), file=sys.stderr)
         return 1

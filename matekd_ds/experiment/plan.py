@@ -10,7 +10,7 @@ from typing import Any
 
 from matekd_ds.config import config_from_dict, merge
 from matekd_ds.errors import MatekdError
-from matekd_ds.experiment.spec import base_method
+from matekd_ds.experiment.spec import base_method, uses_generator
 from matekd_ds.run_dir import RunDir
 
 
@@ -73,8 +73,7 @@ def plan(spec: dict[str, Any]) -> list[Run]:
             needs.append("teacher")
         generator_path = generator.get("model")
         student_needs = list(needs)
-        uses_generator = any(base_method(m, method_overrides) == "matekd" for m in spec["methods"])
-        if uses_generator and generator.get("mlm_warmup"):
+        if any(uses_generator(m, spec) for m in spec["methods"]) and generator.get("mlm_warmup"):
             # all the text the teacher saw, not a student's transfer set
             warm_cfg = merge(merge(merge(merge(common, method_overrides.get("matekd") or {}), teacher_data),
                                    generator["mlm_warmup"]), {
@@ -97,8 +96,8 @@ def plan(spec: dict[str, Any]) -> list[Run]:
                         cfg = merge(cfg, {"matekd": {"generator_mlm_warmup_steps": 0}})
                     if size is not None:  # the first N examples: the smaller sets lie inside the larger
                         cfg = merge(cfg, {"data": {"max_train_examples": size}})
-                    run_needs = student_needs + (["generator"] if method == "matekd" and generator.get("mlm_warmup")
-                                                 else [])
+                    warmed = uses_generator(name, spec) and generator.get("mlm_warmup")
+                    run_needs = student_needs + (["generator"] if warmed else [])
                     runs.append(Run(task, f"{name}-seed{seed}", "student", cfg, students_dir / f"{name}-seed{seed}",
                                     method=name, seed=seed, needs=run_needs, size=size))
     # Preparation first; then seed by seed (smaller transfer sets first), so that a sweep cut

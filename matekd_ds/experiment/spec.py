@@ -53,7 +53,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     teacher = spec["teacher"]
     if not isinstance(teacher, dict) or not (teacher.get("model") or teacher.get("finetuned")):
         raise MatekdError(f"experiment spec {path}: teacher needs 'model' (fine-tuned per task) or 'finetuned' paths")
-    if any(base_method(m, overrides) == "matekd" for m in methods) and not (spec.get("generator") or {}).get("model"):
+    if any(uses_generator(m, spec) for m in methods) and not (spec.get("generator") or {}).get("model"):
         raise MatekdError(f"experiment spec {path}: method matekd needs generator.model")
     if spec.get("transfer_sizes") is not None:
         _check_transfer_sizes(spec["transfer_sizes"], path)
@@ -76,3 +76,13 @@ def _check_transfer_sizes(sizes: Any, path: str | Path) -> None:
 def base_method(name: str, method_overrides: dict[str, Any]) -> str:
     """`kd`, or the method a variant such as `matekd-lr1e-5` names in its overrides."""
     return (method_overrides.get(name) or {}).get("method", name)
+
+
+def uses_generator(name: str, spec: dict[str, Any]) -> bool:
+    """Whether method `name`'s runs perturb with a generator: matekd, unless its run config (the
+    spec's base, then the variant's overrides) says matekd.perturbation: random."""
+    overrides = spec.get("method_overrides") or {}
+    if base_method(name, overrides) != "matekd":
+        return False
+    cfg = merge(spec.get("base") or {}, overrides.get(name) or {})
+    return (cfg.get("matekd") or {}).get("perturbation", "generator") != "random"

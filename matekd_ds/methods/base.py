@@ -18,7 +18,9 @@ class Method(Protocol):
     engine that step trains (MATE-KD alternates generator and student steps). `train_step`: one
     optimizer step over the step's micro-batches (forward, backward and step of that engine);
     `seeds` has one seed per micro-batch for the step's masks and noise. Returns the step's mean
-    losses as 0-d tensors (read on the host only at logging steps)."""
+    losses as 0-d tensors (read on the host only at logging steps). A method that keeps state
+    outside its engines may also define `state_dict()` (plain values) and `load_state_dict(state)`:
+    the Trainer checkpoints and restores it with the loop's own state."""
 
     name: str
 

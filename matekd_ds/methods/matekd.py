@@ -8,9 +8,17 @@ Each cycle: `generator_steps` generator (max) steps, then `student_steps` studen
   student step:    x' = x with masked rows ← sampled ids       no gradient
                    loss_S = w₀·CE(student(x), labels) + w₁·div(student(x), teacher(x))
                                                       + w₂·div(student(x'), teacher(x'))
+
+Control arms (matekd.perturbation, generator_steps): with generator_steps 0 the generator is
+never trained (a frozen masked LM); with perturbation random there is no generator at all, the
+masked rows take uniform random tokens (perturb.RandomTokens) and `engines` holds the student
+alone. The student step is the same in every arm. matekd.adversary_probe (adversary.py) measures
+the generator after each generator phase.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,8 +26,11 @@ from matekd_ds.data.batching import doubled, model_inputs
 from matekd_ds.losses import divergence, task_loss
 from matekd_ds.methods.base import autocast_to, frozen
 from matekd_ds.partition import release_backward_leftovers
-from matekd_ds.perturb import Perturber, soft_embeddings
+from matekd_ds.perturb import Perturber, RandomTokens, soft_embeddings
 from matekd_ds.teacher import Teacher
+
+if TYPE_CHECKING:
+    from matekd_ds.adversary import AdversaryProbe
 
 
 def cycle_role(step: int, generator_steps: int, student_steps: int) -> str:
@@ -44,20 +55,47 @@ class MateKD:
 
     def __init__(self, student_engine, generator_engine, teacher: Teacher, perturber: Perturber, *,
                  regression: bool, temperature: float, loss_weights: list[float],
-                 generator_steps: int, student_steps: int, frozen_dtype: torch.dtype | None = None):
+                 generator_steps: int, student_steps: int, frozen_dtype: torch.dtype | None = None,
+                 random_tokens: RandomTokens | None = None, probe: AdversaryProbe | None = None):
+        """`generator_engine` None: the random-token arm (`random_tokens` fills the masks, no
+        generator step); `probe`: the adversary probe, run after each generator phase."""
+        if generator_engine is None and (random_tokens is None or generator_steps > 0):
+            raise ValueError("MATE-KD without a generator engine needs random tokens and generator_steps 0")
         self.student, self.generator, self.teacher = student_engine, generator_engine, teacher
-        self.perturber = perturber
+        self.perturber = perturber  # the masks (and the generator's samples)
+        self.sampler = random_tokens if random_tokens is not None else perturber  # the student step's tokens
         self.regression, self.temperature = regression, temperature
         self.weights = loss_weights
         self.generator_steps, self.student_steps = generator_steps, student_steps
         self.frozen_dtype = frozen_dtype  # the student step's no-grad forwards under autocast (None: off)
+        self.probe = probe
 
     @property
     def engines(self) -> dict:
+        if self.generator is None:
+            return {"student": self.student}
         return {"student": self.student, "generator": self.generator}
 
     def trains(self, step: int) -> str:
         return cycle_role(step, self.generator_steps, self.student_steps)
+
+    def ends_generator_phase(self, step: int) -> bool:
+        """Whether `step` is the last generator step of its cycle."""
+        cycle = self.generator_steps + self.student_steps
+        return self.generator_steps > 0 and step % cycle == self.generator_steps - 1
+
+    # -- what the loop keeps besides the engines: the probe's records (metrics.json "adversary")
+
+    @property
+    def adversary_records(self) -> list[dict] | None:
+        return self.probe.records if self.probe is not None else None
+
+    def state_dict(self) -> dict:
+        return {"adversary": self.probe.records} if self.probe is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.probe is not None:
+            self.probe.records = list(state.get("adversary", []))
 
     def div(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return divergence(student_logits, teacher_logits, self.temperature, self.regression)
@@ -69,7 +107,12 @@ class MateKD:
         for batch, seed in zip(micro_batches, seeds):
             for key, value in micro_step(batch, seed).items():
                 sums[key] = sums.get(key, 0.0) + value.detach()
-        return {k: v / len(micro_batches) for k, v in sums.items()}
+        losses = {k: v / len(micro_batches) for k, v in sums.items()}
+        if self.probe is not None and self.ends_generator_phase(step):  # logged beside gen_div
+            device = micro_batches[0]["input_ids"].device
+            losses.update(self.probe.measure(step + 1, self.student.module, self.generator.module, device))
+            self.student.empty_partition_cache()  # ZeRO-3: the probe's forwards gathered the student
+        return losses
 
     # -- the max step -------------------------------------------------------------------------
 
@@ -95,7 +138,8 @@ class MateKD:
     def student_micro_step(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         mb = self.perturber.mask_batch(batch, seed)
         with torch.no_grad(), autocast_to(self.frozen_dtype, batch["input_ids"].device.type):
-            perturbed_ids = self.perturber.sample_perturbed_ids(self.generator.module, mb, seed + 1)
+            generator = self.generator.module if self.generator is not None else None
+            perturbed_ids = self.sampler.sample_perturbed_ids(generator, mb, seed + 1)
             teacher_clean = self.teacher.clean_logits(batch)
             teacher_perturbed = self.teacher.logits(**dict(model_inputs(batch), input_ids=perturbed_ids))
         if self.frozen_dtype is not None:  # the losses in the student's precision

@@ -1,0 +1,97 @@
+"""How far MATE-KD's generator moved in each finished run of a `matekd experiment` task: the
+relative change of its weights from the warmed generator the run started from to the one in the
+run's last checkpoint,
+
+    weight_change       ‖W − W0‖ / ‖W0‖ over all its parameters together
+    weight_change_max   the largest per-tensor ‖W − W0‖ / ‖W0‖ (tensors with W0 ≠ 0)
+
+and how many generator steps it took. A generator that barely moves is a frozen masked LM in all
+but name: the question of issue 27 (is it the adversary, or the augmentation?). The frozen arm
+(`matekd.generator_steps: 0`) reads 0 here, a check that the measurement is the right one. The
+in-run view of the same question, per generator phase and with the divergence it buys, is
+`matekd.adversary_probe: true` (matekd_ds/adversary.py).
+
+    python benchmarks/quality/generator_movement.py runs/transfer-sets/sst2/n1000 [--only REGEX] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+import torch
+
+from matekd_ds import models
+from matekd_ds.config import config_from_dict
+from matekd_ds.run_dir import RunDir
+
+
+def last_generator_checkpoint(run: Path) -> Path | None:
+    """The model states of the newest generator checkpoint in a run (one rank: the whole module)."""
+    steps = sorted((run / "checkpoints" / "student" / "generator").glob("step_*/mp_rank_00_model_states.pt"))
+    return steps[-1] if steps else None
+
+
+def weight_change(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> tuple[float, float]:
+    moved, size, per_tensor = 0.0, 0.0, []
+    for name, w0 in start.items():
+        w0 = w0.double()
+        delta = (trained[name].double() - w0).pow(2).sum().item()
+        norm = w0.pow(2).sum().item()
+        moved, size = moved + delta, size + norm
+        if norm > 0:
+            per_tensor.append((delta / norm) ** 0.5)
+    return (moved / size) ** 0.5, max(per_tensor)
+
+
+def warm_weights(cfg) -> dict[str, torch.Tensor]:
+    """The generator the run started from: its warmed export, cut as the run cut it."""
+    tokenizer = models.load_tokenizer(cfg.models.generator)
+    generator = models.load_generator(cfg.models.generator, tokenizer)
+    if cfg.matekd.generator_layers is not None:
+        generator = models.keep_first_layers(generator, cfg.matekd.generator_layers)
+    return {k: v.detach() for k, v in generator.state_dict().items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task_dir", type=Path)
+    parser.add_argument("--only", metavar="REGEX", help="only the runs whose name matches")
+    parser.add_argument("--out", type=Path, help="write the numbers to this JSON file")
+    args = parser.parse_args()
+
+    rows: dict[str, dict[str, float]] = {}
+    warm_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+    for run in sorted(args.task_dir.iterdir()):
+        if not re.search(r"-seed\d+$", run.name) or (args.only and not re.search(args.only, run.name)):
+            continue
+        if RunDir(run).status() != "completed" or (checkpoint := last_generator_checkpoint(run)) is None:
+            continue
+        cfg = config_from_dict(RunDir(run).read_config())
+        key = (cfg.models.generator, cfg.matekd.generator_layers)
+        if key not in warm_cache:
+            warm_cache[key] = warm_weights(cfg)
+        states = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        total, largest = weight_change(states["module"], warm_cache[key])
+        rows[run.name] = {"weight_change": total, "weight_change_max": largest,
+                          "generator_steps": int(states.get("global_steps", 0)),
+                          "generator_lr": cfg.matekd.generator_lr}
+        print(run.name, json.dumps({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rows[run.name].items()}),
+              flush=True)
+    if not rows:
+        raise SystemExit(f"generator_movement: no finished run with a generator checkpoint in {args.task_dir}")
+    by_method: dict[str, list[float]] = {}
+    for name, row in rows.items():
+        by_method.setdefault(re.sub(r"-seed\d+$", "", name), []).append(row["weight_change"])
+    for method, values in by_method.items():
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"{method}: weight_change {statistics.mean(values):.3g} ± {spread:.2g} (n={len(values)})")
+    if args.out:
+        args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "runs": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
