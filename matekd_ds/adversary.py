@@ -47,8 +47,12 @@ def frozen_copy(generator: nn.Module) -> nn.Module:
 
 def weight_change(trained: nn.Module, start: nn.Module) -> tuple[float, float]:
     """‖W − W0‖ / ‖W0‖ over all parameters together, and the largest per-tensor ratio."""
-    start_params = dict(start.named_parameters())
-    pairs = [(p.detach().double(), start_params[name].detach().double()) for name, p in trained.named_parameters()]
+    return tensors_change(dict(trained.named_parameters()), dict(start.named_parameters()))
+
+
+def tensors_change(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """weight_change on name -> tensor maps (`start`'s names), e.g. a checkpoint's state dict."""
+    pairs = [(trained[name].detach().double(), w0.detach().double()) for name, w0 in start.items()]
     moved = torch.stack([(w - w0).pow(2).sum() for w, w0 in pairs]).cpu()
     size = torch.stack([w0.pow(2).sum() for _, w0 in pairs]).cpu()
     total = float((moved.sum() / size.sum()).sqrt()) if size.sum() > 0 else 0.0

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from matekd_ds import models
+from matekd_ds.adversary import tensors_change
 from matekd_ds.config import config_from_dict
 from matekd_ds.run_dir import RunDir
 
@@ -35,16 +36,8 @@ def last_generator_checkpoint(run: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def weight_change(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> tuple[float, float]:
-    moved, size, per_tensor = 0.0, 0.0, []
-    for name, w0 in start.items():
-        w0 = w0.double()
-        delta = (trained[name].double() - w0).pow(2).sum().item()
-        norm = w0.pow(2).sum().item()
-        moved, size = moved + delta, size + norm
-        if norm > 0:
-            per_tensor.append((delta / norm) ** 0.5)
-    return (moved / size) ** 0.5, max(per_tensor)
+# the probe's measure (matekd_ds/adversary.py), on a checkpoint's state dict
+weight_change = tensors_change
 
 
 def warm_weights(cfg) -> dict[str, torch.Tensor]:
