@@ -91,6 +91,19 @@ def test_a_spec_extends_another_stating_only_what_changes(tmp_path):
     assert lw["matekd"]["loss_weights"] == [0.25, 0.25, 0.5] and lw["train"]["lr"] == 5e-4
 
 
+def test_an_arm_drops_an_inherited_task_by_setting_it_null(tmp_path):
+    two_tasks = {**TINY["tasks"], "other": {"data": {"synthetic": {"train_size": 96, "dev_size": 32}}}}
+    _spec(tmp_path, tasks=two_tasks)
+    arm = tmp_path / "arm.yaml"
+    arm.write_text(yaml.safe_dump({"extends": "spec.yaml",
+                                   "tasks": {"synthetic": None, "other": {"data": {"max_length": 16}}}}))
+    spec = read_spec(arm)
+    assert list(spec["tasks"]) == ["other"]
+    assert spec["tasks"]["other"]["data"] == {"synthetic": {"train_size": 96, "dev_size": 32}, "max_length": 16}
+    assert {r.task for r in plan(spec)} == {"other"}
+    assert set(read_spec(tmp_path / "spec.yaml")["tasks"]) == {"synthetic", "other"}  # the parent keeps both
+
+
 @pytest.mark.parametrize("extends, fragment", [
     ("missing.yaml", "'extends' names"),
     ("arm.yaml", "'extends' comes back to"),

@@ -1,5 +1,7 @@
 """benchmarks/quality/generator_movement.py: how far a run's generator moved from its warm start."""
 
+import json
+
 import pytest
 import torch
 from helpers import load_benchmark_script
@@ -26,3 +28,17 @@ def test_the_newest_generator_checkpoint_is_read(movement, tmp_path):
         folder.mkdir(parents=True)
         (folder / "mp_rank_00_model_states.pt").write_bytes(b"")
     assert movement.last_generator_checkpoint(tmp_path).parent.name == "step_00000350"
+
+
+def test_the_probe_summary_reads_metrics_adversary(movement, tmp_path):
+    assert movement.probe_summary(tmp_path) is None  # no metrics.json
+    (tmp_path / "metrics.json").write_text(json.dumps({"adversary": [
+        {"step": 10, "div_trained": 0.5, "div_warm": 0.5, "weight_change": 1e-5, "weight_change_max": 1e-4},
+        {"step": 120, "div_trained": 0.6, "div_warm": 0.4, "weight_change": 2e-5, "weight_change_max": 2e-4}]}))
+    summary = movement.probe_summary(tmp_path)
+    assert summary["probe_phases"] == 2
+    assert (summary["div_trained_last"], summary["div_warm_last"]) == (0.6, 0.4)
+    assert summary["div_gain_mean"] == pytest.approx(0.25)  # (0 + 0.5) / 2
+    assert summary["div_gain_max"] == pytest.approx(0.5)
+    (tmp_path / "metrics.json").write_text(json.dumps({"best": {}}))  # a run without the probe
+    assert movement.probe_summary(tmp_path) is None

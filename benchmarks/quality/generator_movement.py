@@ -9,7 +9,9 @@ and how many generator steps it took. A generator that barely moves is a frozen 
 but name: the question of issue 27 (is it the adversary, or the augmentation?). The frozen arm
 (`matekd.generator_steps: 0`) reads 0 here, a check that the measurement is the right one. The
 in-run view of the same question, per generator phase and with the divergence it buys, is
-`matekd.adversary_probe: true` (matekd_ds/adversary.py).
+`matekd.adversary_probe: true` (matekd_ds/adversary.py); for a run that had it on, the row adds
+the probe's summary (probe_summary: phases, the last phase's divergences, the mean and largest
+relative gain of the trained generator's samples over the warm one's).
 
     python benchmarks/quality/generator_movement.py runs/transfer-sets/sst2/n1000 [--only REGEX] [--out F.json]
 """
@@ -38,6 +40,22 @@ def last_generator_checkpoint(run: Path) -> Path | None:
 
 # the probe's measure (matekd_ds/adversary.py), on a checkpoint's state dict
 weight_change = tensors_change
+
+
+def probe_summary(run: Path) -> dict[str, float] | None:
+    """The adversary probe's records of a run (metrics.json "adversary", matekd.adversary_probe):
+    how many generator phases, the divergence on the trained and on the warm generator's samples
+    at the last phase, and the mean over phases of (trained − warm) / warm: above 0 where the
+    generator's training made its samples harder for the student than the warm generator's."""
+    metrics = run / "metrics.json"
+    records = json.loads(metrics.read_text()).get("adversary") if metrics.is_file() else None
+    if not records:
+        return None
+    gains = [(r["div_trained"] - r["div_warm"]) / r["div_warm"] for r in records if r["div_warm"] > 0]
+    last = records[-1]
+    return {"probe_phases": len(records), "div_trained_last": last["div_trained"], "div_warm_last": last["div_warm"],
+            "div_gain_mean": statistics.mean(gains) if gains else 0.0,
+            "div_gain_max": max(gains) if gains else 0.0}
 
 
 def warm_weights(cfg) -> dict[str, torch.Tensor]:
@@ -71,7 +89,7 @@ def main() -> None:
         total, largest = weight_change(states["module"], warm_cache[key])
         rows[run.name] = {"weight_change": total, "weight_change_max": largest,
                           "generator_steps": int(states.get("global_steps", 0)),
-                          "generator_lr": cfg.matekd.generator_lr}
+                          "generator_lr": cfg.matekd.generator_lr, **(probe_summary(run) or {})}
         print(run.name, json.dumps({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rows[run.name].items()}),
               flush=True)
     if not rows:

@@ -27,7 +27,19 @@ def _read_extended(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent_path = path.parent / parent
     if not parent_path.is_file():
         raise MatekdError(f"experiment spec {path}: 'extends' names {parent_path}, which does not exist")
-    return merge(_read_extended(parent_path, (*chain, path.resolve())), spec)
+    return merge(without_dropped_tasks(_read_extended(parent_path, (*chain, path.resolve())), spec), spec)
+
+
+def without_dropped_tasks(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`parent` less the tasks `child` sets to null (`tasks: {sst2: null}`: an arm that runs only
+    some of the tasks it inherits); those null entries are taken out of `child` too."""
+    tasks = child.get("tasks")
+    if not isinstance(tasks, dict) or not isinstance(parent.get("tasks"), dict):
+        return parent
+    dropped = {name for name, value in tasks.items() if value is None and name in parent["tasks"]}
+    for name in dropped:
+        del tasks[name]
+    return {**parent, "tasks": {k: v for k, v in parent["tasks"].items() if k not in dropped}}
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:

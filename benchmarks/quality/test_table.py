@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""The leading table of docs/results.md (issue 27): per task, each arm's accuracy on a test split
+that no model trained on and no run selected on, for the best-on-dev checkpoint and the last one,
+mean ± std over seeds; then the gaps the question needs (MATE-KD − KD, KD − FT, and MATE-KD − the
+frozen generator, paired by seed, with their spread).
+
+It reads student_agreement.py's JSON of each task's transfer-set folder: one file measured on the
+best checkpoints, one on the final ones, both with --data the test split.
+
+    python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000 \
+        --data runs/transfer-sets/heldout/sst2.tsv --out runs/transfer-sets/sst2/n1000/agreement_test.json
+    ... --checkpoint final --out runs/transfer-sets/sst2/n1000/agreement_test_final.json
+    python benchmarks/quality/test_table.py runs/transfer-sets --tasks sst2 \
+        --methods ft-e10=ft,kd-e10=kd,kd-random,kd-frozen,matekd-e10-lw-bf16-g2=matekd,kd-equal-time \
+        [--json docs/results.json]
+    ... --tasks sst2,subj=runs/test-split,trec=runs/test-split   # a task from another sweep's output_dir
+
+--json writes task -> method (its short name) -> per-seed test accuracy of the best checkpoint,
+in percent, seeds in order; tasks without a measured file are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from matekd_ds.errors import MatekdError
+from matekd_ds.experiment.report import mean_std_cell
+
+
+def parse_methods(text: str) -> dict[str, str]:
+    """'run-name=short,...' (or just 'name') -> {run method name: short name}, in order."""
+    pairs = {}
+    for item in text.split(","):
+        run_name, _, short = item.partition("=")
+        pairs[run_name.strip()] = (short or run_name).strip()
+    return pairs
+
+
+def seed_of(run_name: str) -> tuple[str, int]:
+    method, _, seed = run_name.rpartition("-seed")
+    if not method or not seed.isdigit():
+        raise MatekdError(f"run '{run_name}' is not named <method>-seed<N>")
+    return method, int(seed)
+
+
+def per_seed(agreement: dict | None, method: str, key: str = "acc") -> dict[int, float]:
+    """seed -> 100 × the measured value of each run of `method` in one student_agreement.py file."""
+    if not agreement:
+        return {}
+    found = {}
+    for name, values in agreement["runs"].items():
+        run_method, seed = seed_of(name)
+        if run_method == method and key in values:
+            found[seed] = 100 * values[key]
+    return dict(sorted(found.items()))
+
+
+def read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def cell(values: dict[int, float]) -> str:
+    return mean_std_cell(list(values.values())) if values else "–"
+
+
+def paired_gap(high: dict[int, float], low: dict[int, float]) -> str | None:
+    """Mean ± std over the seeds both arms have of (high − low), and that count."""
+    seeds = sorted(set(high) & set(low))
+    if not seeds:
+        return None
+    diffs = [high[s] - low[s] for s in seeds]
+    spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
+    return f"{statistics.mean(diffs):+.2f}{spread} ({len(seeds)} seeds)"
+
+
+def measured(runs: Path, tasks: list[str], size: int, best_name: str, final_name: str):
+    """task -> (best-checkpoint file, final-checkpoint file, test examples)."""
+    out = {}
+    for entry in tasks:
+        task, _, root = entry.partition("=")  # task=ROOT: this task's sweep is another output_dir
+        folder = Path(root or runs) / task / f"n{size}"
+        best, final = read(folder / best_name), read(folder / final_name)
+        if best or final:
+            out[task] = (best, final, (best or final)["examples"])
+    return out
+
+
+def table(found: dict, methods: dict[str, str]) -> str:
+    lines = ["| task (test rows) | teacher | " + " | ".join(methods.values()) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for task, (best, final, examples) in found.items():
+        teacher = (best or final)["teacher"]["acc"]
+        cells = [f"{cell(per_seed(best, m))} / {cell(per_seed(final, m))}" for m in methods]
+        lines.append(f"| {task} ({examples}) | {100 * teacher:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+GAPS = (("matekd", "kd"), ("kd", "ft"), ("matekd", "kd-frozen"), ("matekd", "kd-random"),
+        ("kd-frozen", "kd"), ("matekd", "kd-equal-time"))
+
+
+def gaps(found: dict, methods: dict[str, str]) -> str:
+    """Per task and on average over the tasks that have both arms: the paired gaps of GAPS, on the
+    best checkpoints and on the final ones."""
+    by_short = {short: run_name for run_name, short in methods.items()}
+    lines, means = [], {}
+    for task, (best, final, _) in found.items():
+        parts = []
+        for high, low in GAPS:
+            if high not in by_short or low not in by_short:
+                continue
+            for label, agreement in (("best", best), ("final", final)):
+                h, lo = per_seed(agreement, by_short[high]), per_seed(agreement, by_short[low])
+                text = paired_gap(h, lo)
+                if text:
+                    parts.append(f"{high} − {low} ({label}) {text}")
+                    seeds = set(h) & set(lo)
+                    means.setdefault((high, low, label), []).append(
+                        statistics.mean(h[s] - lo[s] for s in seeds))
+        if parts:
+            lines.append(f"{task}: " + "; ".join(parts))
+    for (high, low, label), values in means.items():
+        lines.append(f"average over {len(values)} tasks: {high} − {low} ({label}) {statistics.mean(values):+.2f}")
+    return "\n".join(lines)
+
+
+def results_json(found: dict, methods: dict[str, str]) -> dict:
+    return {task: {short: list(per_seed(best, run_name).values())
+                   for run_name, short in methods.items() if per_seed(best, run_name)}
+            for task, (best, _, _) in found.items() if best}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, help="the sweep's output_dir (<task>/n<N>/ holds the JSON files)")
+    parser.add_argument("--tasks", required=True, help="comma-separated task names, in table order; "
+                        "task=DIR reads that task from the output_dir DIR instead of RUNS")
+    parser.add_argument("--methods", required=True, help="run method names in column order, each optionally "
+                        "=short name (ft-e10=ft); the gaps use the short names ft, kd, kd-frozen, ...")
+    parser.add_argument("--size", type=int, default=1000, help="the transfer-set size folder (n<N>)")
+    parser.add_argument("--best", default="agreement_test.json", help="the best-checkpoint file's name")
+    parser.add_argument("--final", default="agreement_test_final.json", help="the final-checkpoint file's name")
+    parser.add_argument("--json", type=Path, help="write task -> method -> per-seed test accuracy (best) here")
+    args = parser.parse_args()
+    try:
+        methods = parse_methods(args.methods)
+        found = measured(args.runs, args.tasks.split(","), args.size, args.best, args.final)
+        if not found:
+            raise MatekdError(f"no {args.best} or {args.final} under {args.runs}/<task>/n{args.size}/")
+    except MatekdError as e:
+        raise SystemExit(f"error: {e}") from None
+    print("test accuracy, best-on-dev checkpoint / final checkpoint (mean ± std over seeds)")
+    print(table(found, methods))
+    print()
+    print(gaps(found, methods))
+    if args.json:
+        args.json.write_text(json.dumps(results_json(found, methods), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
