@@ -66,14 +66,15 @@ def cell(values: dict[int, float]) -> str:
     return mean_std_cell(list(values.values())) if values else "–"
 
 
-def paired_gap(high: dict[int, float], low: dict[int, float]) -> str | None:
-    """Mean ± std over the seeds both arms have of (high − low), and that count."""
-    seeds = sorted(set(high) & set(low))
-    if not seeds:
-        return None
-    diffs = [high[s] - low[s] for s in seeds]
+def paired_diffs(high: dict[int, float], low: dict[int, float]) -> list[float]:
+    """high − low for each seed both arms have, in seed order."""
+    return [high[s] - low[s] for s in sorted(set(high) & set(low))]
+
+
+def gap_text(diffs: list[float]) -> str:
+    """Mean ± std of paired differences, and how many seeds."""
     spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
-    return f"{statistics.mean(diffs):+.2f}{spread} ({len(seeds)} seeds)"
+    return f"{statistics.mean(diffs):+.2f}{spread} ({len(diffs)} seeds)"
 
 
 def measured(runs: Path, tasks: list[str], size: int, best_name: str, final_name: str):
@@ -113,13 +114,10 @@ def gaps(found: dict, methods: dict[str, str]) -> str:
             if high not in by_short or low not in by_short:
                 continue
             for label, agreement in (("best", best), ("final", final)):
-                h, lo = per_seed(agreement, by_short[high]), per_seed(agreement, by_short[low])
-                text = paired_gap(h, lo)
-                if text:
-                    parts.append(f"{high} − {low} ({label}) {text}")
-                    seeds = set(h) & set(lo)
-                    means.setdefault((high, low, label), []).append(
-                        statistics.mean(h[s] - lo[s] for s in seeds))
+                diffs = paired_diffs(per_seed(agreement, by_short[high]), per_seed(agreement, by_short[low]))
+                if diffs:
+                    parts.append(f"{high} − {low} ({label}) {gap_text(diffs)}")
+                    means.setdefault((high, low, label), []).append(statistics.mean(diffs))
         if parts:
             lines.append(f"{task}: " + "; ".join(parts))
     for (high, low, label), values in means.items():

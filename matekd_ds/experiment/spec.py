@@ -27,19 +27,17 @@ def _read_extended(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent_path = path.parent / parent
     if not parent_path.is_file():
         raise MatekdError(f"experiment spec {path}: 'extends' names {parent_path}, which does not exist")
-    return merge(without_dropped_tasks(_read_extended(parent_path, (*chain, path.resolve())), spec), spec)
+    inherited = _read_extended(parent_path, (*chain, path.resolve()))
+    return without_dropped_tasks(merge(inherited, spec), inherited)
 
 
-def without_dropped_tasks(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """`parent` less the tasks `child` sets to null (`tasks: {sst2: null}`: an arm that runs only
-    some of the tasks it inherits); those null entries are taken out of `child` too."""
-    tasks = child.get("tasks")
-    if not isinstance(tasks, dict) or not isinstance(parent.get("tasks"), dict):
-        return parent
-    dropped = {name for name, value in tasks.items() if value is None and name in parent["tasks"]}
-    for name in dropped:
-        del tasks[name]
-    return {**parent, "tasks": {k: v for k, v in parent["tasks"].items() if k not in dropped}}
+def without_dropped_tasks(spec: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
+    """`spec` less the tasks it inherits from `parent` and sets to null (`tasks: {sst2: null}`:
+    an arm that runs only some of the tasks it inherits)."""
+    tasks, inherited = spec.get("tasks"), parent.get("tasks")
+    if not isinstance(tasks, dict) or not isinstance(inherited, dict):
+        return spec
+    return {**spec, "tasks": {k: v for k, v in tasks.items() if not (v is None and k in inherited)}}
 
 
 def read_spec(path: str | Path) -> dict[str, Any]:
