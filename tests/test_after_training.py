@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import matekd_in_process, run_cli
+from helpers import REPO, matekd_in_process, run_cli
 from test_cli import assert_one_line_error
 
 from matekd_ds import cli, models
@@ -249,6 +249,16 @@ def test_eval_of_a_model_with_the_wrong_number_of_labels(six_labels, tmp_path):
     (tmp_path / "CoLA" / "dev.tsv").write_text("gj04\t1\t\tThe sailors rode the breeze .\n")
     result = run_cli(["eval", str(six_labels), "task=cola", f"data.path={tmp_path}"], cwd=tmp_path)
     assert_one_line_error(result, f"the model '{six_labels}' is a classifier with 6 labels, but the task has 2")
+
+
+def test_the_module_entry_point_loads_models_from_the_checkout_root(assets):
+    """`python -m matekd_ds` (as `deepspeed --module` runs it) started in this repository's root:
+    its kernels/ folder must not shadow Hugging Face's `kernels`, which transformers imports."""
+    result = run_cli(["eval", str(assets["teacher"]), *CUSTOM, f"data.dev_file={assets['root'] / 'dev.jsonl'}",
+                      "--json"], cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dev = str(assets["root"] / "dev.jsonl")
+    assert json.loads(result.stdout)["examples"] == {dev: 40}
 
 
 def test_an_albert_generator_is_refused_before_the_teacher_is_fine_tuned(assets, tmp_path):
