@@ -45,9 +45,10 @@ def test_table_cells_are_best_slash_final_per_arm(tmp_path, test_table):
                                     "agreement_test.json", "agreement_test_final.json")
     assert list(elsewhere) == ["sst2"]  # task=ROOT: another output_dir
     lines = test_table.table(found, test_table.parse_methods(METHODS)).splitlines()
-    assert lines[0] == "| task (test rows) | teacher | ft | kd | kd-frozen | matekd |"
-    assert lines[2] == ("| sst2 (200) | 90.00 | 71.00 ± 1.41 (n=2) / – | 74.00 ± 1.41 (n=2) / 71.00 ± 0.00 (n=1) "
-                        "| 76.00 ± 2.83 (n=2) / – | 77.67 ± 2.52 (n=3) / 74.00 ± 0.00 (n=1) |")
+    assert lines[0] == "| task (metric, test rows) | teacher | ft | kd | kd-frozen | matekd |"
+    assert lines[2] == ("| sst2 (accuracy, 200) | 90.00 | 71.00 ± 1.41 (n=2) / – "
+                        "| 74.00 ± 1.41 (n=2) / 71.00 ± 0.00 (n=1) | 76.00 ± 2.83 (n=2) / – "
+                        "| 77.67 ± 2.52 (n=3) / 74.00 ± 0.00 (n=1) |")
 
 
 def test_gaps_pair_seeds_and_give_their_spread(tmp_path, test_table):
@@ -60,6 +61,20 @@ def test_gaps_pair_seeds_and_give_their_spread(tmp_path, test_table):
     assert "kd − ft (best) +3.00 ± 0.00 (2 seeds)" in text
     assert "kd-random" not in text  # not a column here
     assert "average over 1 tasks: matekd − kd-frozen (best) +0.50" in text
+
+
+def test_a_task_is_scored_by_its_main_metric_when_the_file_has_one(tmp_path, test_table):
+    folder = tmp_path / "stsb" / "n1000"
+    folder.mkdir(parents=True)
+    rows = {"kd-e10-seed1": {"score": 0.61, "pearson": 0.61, "spearman": 0.58},
+            "matekd-e10-seed1": {"score": 0.64, "pearson": 0.64, "spearman": 0.60}}
+    (folder / "agreement_test.json").write_text(json.dumps({"examples": 1500, "metric": "pearson",
+                                                            "teacher": {"score": 0.8}, "runs": rows}))
+    found = test_table.measured(tmp_path, ["stsb"], 1000, "agreement_test.json", "agreement_test_final.json")
+    methods = test_table.parse_methods("kd-e10=kd,matekd-e10=matekd")
+    assert test_table.table(found, methods).splitlines()[2] == (
+        "| stsb (pearson, 1500) | 80.00 | 61.00 ± 0.00 (n=1) / – | 64.00 ± 0.00 (n=1) / – |")
+    assert test_table.results_json(found, methods) == {"stsb": {"kd": [61.0], "matekd": [64.0]}}
 
 
 def test_results_json_is_task_method_per_seed_list(tmp_path, test_table):
@@ -75,7 +90,7 @@ def test_cli_writes_json_and_fails_in_one_line_without_files(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(runs), "--tasks", "sst2", "--methods", METHODS,
                            "--json", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "| sst2 (200) |" in done.stdout
+    assert "| sst2 (accuracy, 200) |" in done.stdout
     assert json.loads(out.read_text())["sst2"]["kd"] == [73.0, 75.0]
     empty = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "none"), "--tasks", "sst2",
                             "--methods", METHODS], capture_output=True, text=True)

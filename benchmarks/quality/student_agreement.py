@@ -13,6 +13,10 @@ mean ± std per method over the seeds,
   the teacher can tell (it predicts the gold label on both the clean and the perturbed text). A
   30% rewrite by a weak generator often changes what a sentence says, and there the gold label is
   no longer the right answer; on this subset it still is.
+- score / score_perturbed: the task's main metric (accuracy, F1 for MRPC, Pearson for STS-B), and
+  its other metrics by name (f1, pearson, spearman).
+Regression tasks (STS-B) have no acc, agree, kl or acc_perturbed_kept: mse_to_teacher (the mean
+squared difference to the teacher's score) takes the place of agree and kl.
 
     python benchmarks/quality/student_agreement.py runs/minilm-glue/sst2 [--out agreement.json]
     python benchmarks/quality/student_agreement.py runs/transfer-sets/sst2/n1000   # a transfer-set size
@@ -20,7 +24,7 @@ mean ± std per method over the seeds,
     ... --data heldout.tsv --out agreement_heldout.json   # a labeled file in place of the dev set
     ... --checkpoint final   # each run's last checkpoint (student/) instead of its best on dev
 
-Classification tasks only. The perturbation and the comparison are the product's
+The perturbation, the metrics and the comparison are the product's
 (matekd_ds/robustness.py, what `matekd eval RUN --perturbed` reports for one run); this script
 applies them to every student of an experiment at once, with one shared perturbed copy.
 """
@@ -43,20 +47,32 @@ from matekd_ds.data.tasks import load_task_data
 from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation import predict
 from matekd_ds.evaluation_cli import DataOptions, labeled_sets
-from matekd_ds.robustness import Perturbation, compare_to_teacher, perturbed_copy
+from matekd_ds.robustness import Perturbation, compare_to_teacher, perturbed_copy, scores
 from matekd_ds.run_dir import RunDir
 
 BATCH = 128
 DEVICE = torch.device("cpu")
 
 
-def compare(student, teacher, labels) -> dict[str, float]:
-    """acc against the gold labels, and the product's agreement and KL(teacher || student)
-    (matekd_ds.robustness, what `matekd eval RUN --perturbed` reports)."""
+def compare(spec, student, teacher, labels) -> dict[str, float]:
+    """The task's metrics against the gold labels (score: the main one; acc for classification),
+    and the product's agreement and KL(teacher || student), or for regression the squared
+    difference to the teacher (matekd_ds.robustness, what `matekd eval RUN --perturbed` reports)."""
     student, teacher, labels = (np.asarray(x, dtype=np.float64) for x in (student, teacher, labels))
-    to_teacher = compare_to_teacher(student, teacher, regression=False)
-    return {"acc": accuracy(student, labels), "agree": to_teacher["agreement"],
-            "kl": to_teacher["kl"]}
+    to_teacher = compare_to_teacher(student, teacher, regression=spec.is_regression)
+    return {**task_scores(spec, student, labels), **{TO_TEACHER_KEYS[k]: v for k, v in to_teacher.items()}}
+
+
+TO_TEACHER_KEYS = {"agreement": "agree", "kl": "kl", "mse_to_teacher": "mse_to_teacher"}  # this file's names
+
+
+def task_scores(spec, outputs, labels) -> dict[str, float]:
+    """score (the task's main metric), acc for a classification task, and the task's other metrics."""
+    values = scores(spec, outputs, labels)
+    out = {"score": values.pop("main")}
+    if not spec.is_regression:
+        out["acc"] = values.pop("accuracy")
+    return {**out, **values}
 
 
 def rewrite_kept_label(teacher_clean, teacher_noisy, labels) -> np.ndarray:
@@ -108,8 +124,8 @@ def kept_runs(out: Path | None, mask_prob: float, seed: int, examples: int,
             old.get("checkpoint", "best")) != (mask_prob, seed, examples, data, checkpoint):
         raise SystemExit(f"student_agreement: {out} was measured with another perturbation or checkpoint; "
                          "rerun without --only")
-    if any("acc_perturbed_kept" not in row for row in old["runs"].values()):
-        raise SystemExit(f"student_agreement: {out} predates acc_perturbed_kept; rerun without --only")
+    if any("score" not in row for row in old["runs"].values()):
+        raise SystemExit(f"student_agreement: {out} predates score; rerun without --only")
     return old["runs"]
 
 
@@ -148,8 +164,7 @@ def main() -> None:
         raise SystemExit(f"student_agreement: no finished student runs in {args.task_dir}")
     cfg = config_from_dict(RunDir(runs[0]).read_config())
     data = load_task_data(cfg)
-    if data.spec.is_regression:
-        raise SystemExit("student_agreement: classification tasks only")
+    spec, regression = data.spec, data.spec.is_regression
     warm = RunDir(generator_run(args.task_dir)).model_dir("generator_warm")
     tokenizer = models.load_tokenizer(str(warm))
     examples = heldout_examples(cfg, data.spec, args.data) if args.data else next(iter(data.dev.values()))
@@ -160,25 +175,28 @@ def main() -> None:
     generator = models.load_generator(str(warm), tokenizer).eval()
     settings = Perturbation(str(warm), args.mask_prob, cfg.matekd.gumbel_tau, args.seed)
     noisy = perturbed_copy(dev, generator, tokenizer, settings, DEVICE)
-    teacher = models.load_classifier("teacher", cfg.models.teacher, data.spec.num_labels, tokenizer, False).eval()
+    teacher = models.load_classifier("teacher", cfg.models.teacher, spec.num_labels, tokenizer, regression).eval()
     teacher_clean, teacher_noisy = (predict(teacher, dev, BATCH, pad, DEVICE),
                                     predict(teacher, noisy, BATCH, pad, DEVICE))
 
-    label_kept = rewrite_kept_label(teacher_clean, teacher_noisy, labels)
+    label_kept = None if regression else rewrite_kept_label(teacher_clean, teacher_noisy, labels)
     per_run = kept_runs(args.out, args.mask_prob, args.seed, len(dev), args.data, args.checkpoint) \
         if args.only else {}
     for run in runs:
-        student = models.load_classifier("student", str(RunDir(run).model_dir(export)), data.spec.num_labels,
-                                         tokenizer, False).eval()
-        clean = compare(predict(student, dev, BATCH, pad, DEVICE), teacher_clean, labels)
+        student = models.load_classifier("student", str(RunDir(run).model_dir(export)), spec.num_labels,
+                                         tokenizer, regression).eval()
+        clean = compare(spec, predict(student, dev, BATCH, pad, DEVICE), teacher_clean, labels)
         student_noisy = predict(student, noisy, BATCH, pad, DEVICE)
-        perturbed = compare(student_noisy, teacher_noisy, labels)
-        per_run[run.name] = {**clean, **{f"{k}_perturbed": v for k, v in perturbed.items()},
-                             "acc_perturbed_kept": accuracy(student_noisy, labels, label_kept)}
+        perturbed = compare(spec, student_noisy, teacher_noisy, labels)
+        per_run[run.name] = {**clean, **{f"{k}_perturbed": v for k, v in perturbed.items()}}
+        if label_kept is not None:
+            per_run[run.name]["acc_perturbed_kept"] = accuracy(student_noisy, labels, label_kept)
         print(run.name, json.dumps({k: round(v, 4) for k, v in per_run[run.name].items()}), flush=True)
 
-    teacher_row = {"acc": accuracy(teacher_clean, labels), "acc_perturbed": accuracy(teacher_noisy, labels),
-                   "rewrites_kept_label": float(np.mean(label_kept))}
+    teacher_row = {**task_scores(spec, teacher_clean, labels),
+                   **{f"{k}_perturbed": v for k, v in task_scores(spec, teacher_noisy, labels).items()}}
+    if label_kept is not None:
+        teacher_row["rewrites_kept_label"] = float(np.mean(label_kept))
     per_run = dict(sorted(per_run.items()))
     table = summarise(per_run)
     keys = list(next(iter(per_run.values())))
@@ -189,6 +207,7 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps({"task_dir": str(args.task_dir), "data": args.data, "mask_prob": args.mask_prob,
                                         "seed": args.seed, "checkpoint": args.checkpoint, "examples": len(dev),
+                                        "metric": spec.main_metric,
                                         "teacher": teacher_row,
                                         "runs": per_run, "summary": table}, indent=2) + "\n")
 

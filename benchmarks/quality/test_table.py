@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The leading table of docs/results.md (issue 27): per task, each arm's accuracy on a test split
+"""The leading table of docs/results.md (issue 27): per task, each arm's score on a test split
 that no model trained on and no run selected on, for the best-on-dev checkpoint and the last one,
 mean ± std over seeds; then the gaps the question needs (MATE-KD − KD, KD − FT, and MATE-KD − the
 frozen generator, paired by seed, with their spread).
@@ -15,8 +15,9 @@ best checkpoints, one on the final ones, both with --data the test split.
         [--json docs/results.json]
     ... --tasks sst2,subj=runs/test-split,trec=runs/test-split   # a task from another sweep's output_dir
 
---json writes task -> method (its short name) -> per-seed test accuracy of the best checkpoint,
-in percent, seeds in order; tasks without a measured file are left out.
+The score is the task's main metric (accuracy; F1 for MRPC, Pearson for STS-B). --json writes
+task -> method (its short name) -> per-seed test score of the best checkpoint, in percent, seeds
+in order; tasks without a measured file are left out.
 """
 
 from __future__ import annotations
@@ -46,15 +47,21 @@ def seed_of(run_name: str) -> tuple[str, int]:
     return method, int(seed)
 
 
-def per_seed(agreement: dict | None, method: str, key: str = "acc") -> dict[int, float]:
-    """seed -> 100 × the measured value of each run of `method` in one student_agreement.py file."""
+def score(values: dict) -> float | None:
+    """The task's main metric of one measured row (student_agreement.py's score: accuracy, F1 for
+    MRPC, Pearson for STS-B); files written before it had score hold accuracy only, as acc."""
+    return values.get("score", values.get("acc"))
+
+
+def per_seed(agreement: dict | None, method: str) -> dict[int, float]:
+    """seed -> 100 × the score of each run of `method` in one student_agreement.py file."""
     if not agreement:
         return {}
     found = {}
     for name, values in agreement["runs"].items():
         run_method, seed = seed_of(name)
-        if run_method == method and key in values:
-            found[seed] = 100 * values[key]
+        if run_method == method and score(values) is not None:
+            found[seed] = 100 * score(values)
     return dict(sorted(found.items()))
 
 
@@ -90,12 +97,13 @@ def measured(runs: Path, tasks: list[str], size: int, best_name: str, final_name
 
 
 def table(found: dict, methods: dict[str, str]) -> str:
-    lines = ["| task (test rows) | teacher | " + " | ".join(methods.values()) + " |",
+    lines = ["| task (metric, test rows) | teacher | " + " | ".join(methods.values()) + " |",
              "|---|---|" + "---|" * len(methods)]
     for task, (best, final, examples) in found.items():
-        teacher = (best or final)["teacher"]["acc"]
+        measured_file = best or final
+        teacher, metric = score(measured_file["teacher"]), measured_file.get("metric", "accuracy")
         cells = [f"{cell(per_seed(best, m))} / {cell(per_seed(final, m))}" for m in methods]
-        lines.append(f"| {task} ({examples}) | {100 * teacher:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {task} ({metric}, {examples}) | {100 * teacher:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -141,7 +149,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1000, help="the transfer-set size folder (n<N>)")
     parser.add_argument("--best", default="agreement_test.json", help="the best-checkpoint file's name")
     parser.add_argument("--final", default="agreement_test_final.json", help="the final-checkpoint file's name")
-    parser.add_argument("--json", type=Path, help="write task -> method -> per-seed test accuracy (best) here")
+    parser.add_argument("--json", type=Path, help="write task -> method -> per-seed test score (best) here")
     args = parser.parse_args()
     try:
         methods = parse_methods(args.methods)
@@ -150,7 +158,7 @@ def main() -> None:
             raise MatekdError(f"no {args.best} or {args.final} under {args.runs}/<task>/n{args.size}/")
     except MatekdError as e:
         raise SystemExit(f"error: {e}") from None
-    print("test accuracy, best-on-dev checkpoint / final checkpoint (mean ± std over seeds)")
+    print("test score, best-on-dev checkpoint / final checkpoint (mean ± std over seeds)")
     print(table(found, methods))
     print()
     print(gaps(found, methods))
