@@ -77,6 +77,20 @@ def test_a_task_is_scored_by_its_main_metric_when_the_file_has_one(tmp_path, tes
     assert test_table.results_json(found, methods) == {"stsb": {"kd": [61.0], "matekd": [64.0]}}
 
 
+def test_stored_copies_are_read_by_task_name(tmp_path, test_table):
+    sweep(tmp_path / "runs")
+    for name in ("agreement_test.json", "agreement_test_final.json"):
+        (tmp_path / "runs" / "sst2" / "n1000" / name).rename(tmp_path / test_table.stored_name(name, "sst2"))
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["agreement_test_final_sst2.json",
+                                                               "agreement_test_sst2.json"]
+    found = test_table.measured(None, ["sst2", "subj"], 1000, "agreement_test.json", "agreement_test_final.json",
+                                stored=tmp_path)
+    assert list(found) == ["sst2"] and found["sst2"][2] == 200
+    done = subprocess.run([sys.executable, str(SCRIPT), "--stored", str(tmp_path), "--tasks", "sst2",
+                           "--methods", METHODS], capture_output=True, text=True)
+    assert done.returncode == 0 and "| sst2 (accuracy, 200) |" in done.stdout, done.stderr
+
+
 def test_results_json_is_task_method_per_seed_list(tmp_path, test_table):
     found = test_table.measured(sweep(tmp_path), ["sst2"], 1000, "agreement_test.json", "agreement_test_final.json")
     raw = test_table.results_json(found, test_table.parse_methods(METHODS))

@@ -14,6 +14,8 @@ best checkpoints, one on the final ones, both with --data the test split.
         --methods ft-e10=ft,kd-e10=kd,kd-random,kd-frozen,matekd-e10-lw-bf16-g2=matekd,kd-equal-time \
         [--json docs/results.json]
     ... --tasks sst2,subj=runs/test-split,trec=runs/test-split   # a task from another sweep's output_dir
+    python benchmarks/quality/test_table.py --stored docs/transfer_sets --tasks sst2,subj ...
+        # the copies kept in docs/transfer_sets (agreement_test_<task>.json, agreement_test_final_<task>.json)
 
 The score is the task's main metric (accuracy; F1 for MRPC, Pearson for STS-B). --json writes
 task -> method (its short name) -> per-seed test score of the best checkpoint, in percent, seeds
@@ -84,13 +86,25 @@ def gap_text(diffs: list[float]) -> str:
     return f"{statistics.mean(diffs):+.2f}{spread} ({len(diffs)} seeds)"
 
 
-def measured(runs: Path, tasks: list[str], size: int, best_name: str, final_name: str):
-    """task -> (best-checkpoint file, final-checkpoint file, test examples)."""
+def stored_name(name: str, task: str) -> str:
+    """A measured file as kept in docs/transfer_sets: agreement_test.json -> agreement_test_sst2.json."""
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}_{task}{dot}{suffix}" if dot else f"{name}_{task}"
+
+
+def measured(runs: Path | None, tasks: list[str], size: int, best_name: str, final_name: str,
+             stored: Path | None = None):
+    """task -> (best-checkpoint file, final-checkpoint file, test examples). Read from the sweep's
+    <runs>/<task>/n<size>/, or for task=ROOT from ROOT's, or with `stored` from the copies kept
+    there as <name>_<task>.json (the runs themselves are not kept)."""
     out = {}
     for entry in tasks:
         task, _, root = entry.partition("=")  # task=ROOT: this task's sweep is another output_dir
-        folder = Path(root or runs) / task / f"n{size}"
-        best, final = read(folder / best_name), read(folder / final_name)
+        if stored is not None and not root:
+            best, final = (read(stored / stored_name(n, task)) for n in (best_name, final_name))
+        else:
+            folder = Path(root or runs) / task / f"n{size}"
+            best, final = read(folder / best_name), read(folder / final_name)
         if best or final:
             out[task] = (best, final, (best or final)["examples"])
     return out
@@ -141,7 +155,9 @@ def results_json(found: dict, methods: dict[str, str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", type=Path, help="the sweep's output_dir (<task>/n<N>/ holds the JSON files)")
+    parser.add_argument("runs", type=Path, nargs="?", help="the sweep's output_dir (<task>/n<N>/ holds the JSON files)")
+    parser.add_argument("--stored", type=Path, metavar="DIR", help="read the files kept in DIR as "
+                        "<name>_<task>.json (docs/transfer_sets) instead of a sweep's output_dir")
     parser.add_argument("--tasks", required=True, help="comma-separated task names, in table order; "
                         "task=DIR reads that task from the output_dir DIR instead of RUNS")
     parser.add_argument("--methods", required=True, help="run method names in column order, each optionally "
@@ -153,9 +169,12 @@ def main() -> None:
     args = parser.parse_args()
     try:
         methods = parse_methods(args.methods)
-        found = measured(args.runs, args.tasks.split(","), args.size, args.best, args.final)
+        if (args.runs is None) == (args.stored is None):
+            raise MatekdError("name a sweep's output_dir or --stored DIR (one of them)")
+        found = measured(args.runs, args.tasks.split(","), args.size, args.best, args.final, args.stored)
         if not found:
-            raise MatekdError(f"no {args.best} or {args.final} under {args.runs}/<task>/n{args.size}/")
+            where = f"{args.stored}/<name>_<task>.json" if args.stored else f"{args.runs}/<task>/n{args.size}/"
+            raise MatekdError(f"no {args.best} or {args.final} under {where}")
     except MatekdError as e:
         raise SystemExit(f"error: {e}") from None
     print("test score, best-on-dev checkpoint / final checkpoint (mean ± std over seeds)")
