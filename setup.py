@@ -27,8 +27,8 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "triton": ["triton>=3.9,<3.10"],
-        "test": ["pytest>=8", "triton>=3.9,<3.10", "scipy", "ruff==0.17.6", "onnx>=1.16", "onnxruntime>=1.18"],
+        "triton": ["triton>=3.6,<3.10"],
+        "test": ["pytest>=8", "triton>=3.6,<3.10", "scipy", "ruff==0.17.6", "onnx>=1.16", "onnxruntime>=1.18"],
         "bench": ["matplotlib"],
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],  # `matekd export --onnx`
     },

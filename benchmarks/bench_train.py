@@ -778,7 +778,9 @@ def print_figures(figures: dict) -> None:
         cells = [fmt.format(figures[label][key] * scale) if key in figures[label] else "" for label in labels]
         print(f"{title:34s}" + "".join(f"{c:>12s}" for c in cells))
     if figures["project"]["mfu"] is not None:
-        print(f"{'MFU':34s}" + "".join(f"{figures[label]['mfu']:>12.1%}" for label in labels))
+        # KD's count is not MATE-KD's (mfu None), and the floor has none: those cells read n/a.
+        cells = [f"{mfu:.1%}" if (mfu := figures[label].get("mfu")) is not None else "n/a" for label in labels]
+        print(f"{'MFU':34s}" + "".join(f"{c:>12s}" for c in cells))
     profiled = [label for label in labels if "breakdown_s" in figures[label]]
     for phase in ("generator", "student"):
         print(f"{'breakdown of a ' + phase + ' step, ms':34s}" + "".join(f"{label:>12s}" for label in profiled))

@@ -19,7 +19,9 @@ STREAM_IDS = constexpr(1)
 @jit
 def philox4(seed, c0, row, STREAM: tl.constexpr):
     """Four independent uint32 blocks shaped like c0, from one Philox call per counter."""
-    c0 = tl.to_tensor(c0).to(tl.uint32)
+    # Adding a 0-d tensor makes a tensor of c0 whether it is a tensor or a constexpr loop index
+    # (tl.to_tensor does the same but only exists from Triton 3.7).
+    c0 = (c0 + tl.zeros((), dtype=tl.int32)).to(tl.uint32)
     c1 = (c0 * 0 + row).to(tl.uint32)
     c2 = c0 * 0 + STREAM
     return tl.philox(seed, c0, c1, c2, c0 * 0)

@@ -93,6 +93,19 @@ def test_every_benchmark_preset_is_a_run_config(preset, monkeypatch):
         assert model.get_input_embeddings().weight.shape[0] >= 100
 
 
+def test_the_figures_table_prints_mfu_where_kd_and_the_floor_have_none(capsys):
+    # On a GPU the project has an MFU but KD's model FLOPs are not counted (mfu None); the first
+    # H200 run crashed formatting that None after every series had been measured.
+    bench_train = load_benchmark_script("bench_train.py")
+    series = {"samples_per_s": 10.0, "tokens_per_s": 100.0, "padding_fraction": 0.5,
+              "generator_step_s_median": 0.1, "student_step_s_median": 0.05, "peak_memory_extra_bytes": 2**20}
+    figures = {"project": dict(series, mfu=0.049, breakdown_s={}), "kd": dict(series, mfu=None),
+               "reference": dict(series, mfu=0.033), "floor": dict(series)}
+    bench_train.print_figures(figures)
+    mfu_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("MFU"))
+    assert mfu_line.split()[1:] == ["4.9%", "n/a", "3.3%", "n/a"]
+
+
 def test_a_preset_whose_model_package_is_missing_is_one_line(monkeypatch):
     bench_train = load_benchmark_script("bench_train.py")
     monkeypatch.delenv("MINILM", raising=False)

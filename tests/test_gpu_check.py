@@ -68,3 +68,10 @@ def test_without_a_gpu_the_run_stops_with_one_line(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == "benchmarks/gpu_check.sh: error: no CUDA device here (try --dry-run)"
     assert not (tmp_path / "gpu").exists()
+
+
+def test_device_env_refuses_an_unknown_action_in_one_line(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "device_env.sh"), "fetch", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "device_env.sh: unknown action 'fetch' (wheels, install)"]

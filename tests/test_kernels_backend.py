@@ -39,7 +39,7 @@ def test_backend_info_reports_what_auto_picks(monkeypatch):
 
 
 @pytest.mark.parametrize("version,supported", [("3.9.0", True), ("3.9.1+git1234", True), ("3.10.0", False),
-                                               ("3.8.0", False), ("4.0.0", False)])
+                                               ("3.6.0", True), ("3.5.1", False), ("4.0.0", False)])
 def test_triton_version_range(version, supported):
     assert triton_version_supported(version) is supported
 

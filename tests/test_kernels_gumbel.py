@@ -22,7 +22,7 @@ from scipy import stats
 from matekd_ds.kernels import gumbel as gumbel_mod
 from matekd_ds.kernels import gumbel_softmax_sample, resolve_backend, rng
 from matekd_ds.kernels import launch as launch_mod
-from matekd_ds.kernels.dispatch import is_interpreted, jit, tl
+from matekd_ds.kernels.dispatch import interpreter_enabled, is_interpreted, jit, tl
 from matekd_ds.kernels.gumbel import (
     _LN2,
     _gumbel_softmax_triton,
@@ -360,8 +360,9 @@ def test_gumbel_transform_accuracy():
     k = torch.cat([torch.arange(0, 4096), torch.arange(2**23 - 4096, 2**23),
                    torch.arange(2**23 - 2**19 - 4096, 2**23 - 2**19 + 4096)]).double()
     u = (k + 0.5) / 2**23
-    out = torch.empty(len(u))
-    _gumbel_from_uniform_kernel[(1,)](u.float(), out, len(u))
+    out = torch.empty(len(u), device=DEVICE)
+    _gumbel_from_uniform_kernel[(1,)](u.float().to(DEVICE), out, len(u))
+    out = out.cpu()
     truth = -torch.log2(-torch.log(u))
     assert (out.double() - truth).abs().max() < 2e-6 * (1 + truth.abs().max())
     assert ((out.double() - truth).abs() / (1 + truth.abs())).max() < 1e-6
@@ -376,7 +377,11 @@ def test_dispatch_rules(monkeypatch):
     assert resolve_backend("auto", cpu) == "torch"
     assert resolve_backend("torch", cpu) == "torch"
     monkeypatch.setenv("MATEKD_KERNELS", "triton")
-    assert resolve_backend("auto", cpu) == "triton"  # CPU allowed: interpreter is on in tests
+    if interpreter_enabled():  # the tests switch it on where no GPU is
+        assert resolve_backend("auto", cpu) == "triton"
+    else:  # on a GPU machine the kernels are compiled: CPU tensors are refused
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            resolve_backend("auto", cpu)
     assert resolve_backend("torch", cpu) == "torch"  # an explicit backend beats the env var
     monkeypatch.setenv("MATEKD_KERNELS", "torch")
     assert resolve_backend("auto", cpu) == "torch"
