@@ -16,8 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# `python -m pytest` from the repository root puts the root first on sys.path: its kernels/ would
-# then shadow Hugging Face's `kernels`, which transformers imports when it loads a model (the
-# package maps kernels/ to matekd_ds.kernels, so the root entry is never needed; `pytest` adds none).
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or os.getcwd()).resolve() != _ROOT]
+# `python -m pytest` from the repository root puts the root on sys.path (`pytest` adds none).
+from matekd_ds.checkout_path import drop_checkout_root_from_path
+
+drop_checkout_root_from_path()
