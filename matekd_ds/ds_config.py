@@ -103,7 +103,7 @@ def read_ds_config(name_or_path: str) -> dict[str, Any]:
     """A preset from ds_configs/ by name, a JSON file by path, or several of either joined by
     '+' ("zero3+bf16+offload"), merged left to right."""
     spec = name_or_path.strip()
-    if PRESET_JOIN in spec and not _is_path(spec):
+    if PRESET_JOIN in spec and not Path(spec).is_file():  # "zero1+my.json" joins; "my+file.json" is one file
         names = [part.strip() for part in spec.split(PRESET_JOIN)]
         data = _merge_presets([(name, _read_one(name)) for name in names])
         where = f"presets {spec}"

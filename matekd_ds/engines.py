@@ -152,17 +152,34 @@ def fast_path_supported() -> bool:
 
 
 def single_rank_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """ZeRO-1/2 at world size 1 in fp32 without offload, as ZeRO-0. One rank's partition is the
-    whole model, yet ZeRO-1/2 copy every gradient through their reduction buckets into a flat
-    fp32 partition (in fp32 a second copy of the weights) and every updated weight back. ZeRO-0
-    makes the same update (tests/test_single_rank.py). In bf16/fp16 ZeRO-0 is a different
-    optimizer wrapper with a different rounding, so those keep their stage."""
+    """ZeRO-1/2 at world size 1 without offload, as the cheapest engine that makes their update.
+
+    One rank's partition is the whole model, yet ZeRO-1/2 copy every gradient through their
+    reduction buckets into a flat fp32 partition and every updated weight back, and in bf16 check
+    every gradient tensor for overflow one by one (a bf16 step costs 26 ms of launches on an H200
+    where the update itself is 4 ms: benchmarks/bench_optimizer.py).
+    - fp32: ZeRO-0 makes the same update (tests/test_single_rank.py).
+    - bf16: DeepSpeed's BF16_Optimizer (ZeRO-1 with fp32 gradient accumulation): fp32 master
+      weights and fp32 gradients as ZeRO-1/2 keep them, one flat fused update. Its accumulation
+      is in fp32 where ZeRO-2 rounds each micro-batch's gradient sum to bf16, so it is the more
+      exact of the two (tests/test_single_rank.py bounds the difference).
+    - fp16 keeps its stage: ZeRO-0 fp16 is a different loss-scaling wrapper."""
     zero = ds_config.get("zero_optimization", {})
-    half = any(ds_config.get(name, {}).get("enabled") for name in ("bf16", "fp16"))
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
-    if zero.get("stage", 0) not in (1, 2) or half or offload:
+    if zero.get("stage", 0) not in (1, 2) or offload or ds_config.get("fp16", {}).get("enabled"):
         return ds_config
-    return {**ds_config, "zero_optimization": {"stage": 0}}
+    if not ds_config.get("bf16", {}).get("enabled"):
+        return {**ds_config, "zero_optimization": {"stage": 0}}
+    data_types = ds_config.get("data_types", {})
+    if data_types.get("grad_accum_dtype", "fp32") != "fp32":  # asked for bf16 accumulation: DeepSpeed's ZeRO
+        return ds_config
+    return {**ds_config, "zero_optimization": {"stage": 1}, "data_types": {**data_types, "grad_accum_dtype": "fp32"}}
+
+
+def single_rank_bf16_optimizer(ds_config: dict[str, Any]) -> bool:
+    """Whether single_rank_ds_config builds this config as DeepSpeed's BF16_Optimizer (its
+    checkpoints are not ZeRO-1/2's: inputs.checkpoint_layout records it)."""
+    return single_rank_ds_config(ds_config) is not ds_config and bool(ds_config.get("bf16", {}).get("enabled"))
 
 
 def skip_single_rank_allreduce(engine) -> None:

@@ -28,6 +28,7 @@ from matekd_ds.data.batching import Encoded, TrainStream, encode
 from matekd_ds.data.tasks import TaskData, load_task_data
 from matekd_ds.data.tokenizer import train_wordpiece
 from matekd_ds.ds_config import resolve_run_ds_configs
+from matekd_ds.engines import single_rank_bf16_optimizer
 from matekd_ds.errors import MatekdError
 from matekd_ds.partition import param_numel
 from matekd_ds.run_dir import RunDir
@@ -130,8 +131,12 @@ def checkpoint_layout(cfg: RunConfig, ds_configs: dict[str, dict[str, Any]], dty
         layout[f"the {role}'s ZeRO stage"] = zero.get("stage", 0)
         for key, what in (("offload_optimizer", "optimizer offload"), ("offload_param", "parameter offload")):
             layout[f"the {role}'s {what}"] = (zero.get(key) or {}).get("device") or "none"
-    if world_size == 1:  # it builds fp32 ZeRO-1/2 as ZeRO-0, whose checkpoints differ
-        layout["deepspeed.single_rank_fast_path"] = cfg.deepspeed.single_rank_fast_path
+    if world_size == 1:  # it builds ZeRO-1/2 as ZeRO-0 (fp32) or BF16_Optimizer (bf16), whose checkpoints differ
+        fast = cfg.deepspeed.single_rank_fast_path
+        bf16 = fast and any(single_rank_bf16_optimizer(ds_configs[role]) for role in ("student", "generator")
+                            if role in ds_configs)
+        # a string, not True: bf16 checkpoints of earlier releases (fast path true, ZeRO-1/2 kept) are refused
+        layout["deepspeed.single_rank_fast_path"] = "true (bf16: BF16_Optimizer)" if bf16 else fast
     return layout
 
 

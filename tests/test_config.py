@@ -190,6 +190,17 @@ def test_teacher_has_no_optimizer_to_offload(tmp_path):
         _teacher(str(path))
 
 
+def test_a_preset_joins_with_a_json_file(tmp_path):
+    """'zero1+my.json' is the preset and the file merged, not one file named so."""
+    path = tmp_path / "grads.json"
+    path.write_text('{"data_types": {"grad_accum_dtype": "fp32"}}')
+    ds = read_ds_config(f"zero1+{path}")
+    assert ds["zero_optimization"]["stage"] == 1 and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    plus = tmp_path / "a+b.json"  # a file whose name has the join character is still one file
+    plus.write_text('{"zero_optimization": {"stage": 2}}')
+    assert read_ds_config(str(plus))["zero_optimization"]["stage"] == 2
+
+
 def test_a_directory_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
     (tmp_path / "zero3").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh, the one command for a lent GPU: its --dry-run plan (on CPU) names its
-five steps in order, within 8 minutes in all, and every script flag, test file, preset and run-config
+seven steps in order, within 9 minutes in all, and every script flag, test file, preset and run-config
 override it uses exists and loads; without a CUDA device the real run stops with one line."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from matekd_ds.cli import default_config_path
 from matekd_ds.config import load_config
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ["versions", "kernel_tests", "bench_kernels", "bench_train", "train"]
+STEPS = ["versions", "kernel_tests", "bench_kernels", "bench_train", "bench_train_b128", "bench_optimizer", "train"]
 
 
 def plan(out) -> dict[str, tuple[int, list[str]]]:
@@ -34,7 +34,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     out = tmp_path / "gpu"
     steps = plan(out)
     assert list(steps) == STEPS and not out.exists()
-    assert sum(limit for limit, _ in steps.values()) <= 8 * 60
+    assert sum(limit for limit, _ in steps.values()) <= 9 * 60
 
 
 def _flags(command: list[str]) -> list[str]:
@@ -46,15 +46,19 @@ def test_every_script_flag_test_file_preset_and_override_of_the_plan_exists(tmp_
     tests = [t for t in steps["kernel_tests"][1] if t.startswith("tests/")]
     assert tests and all((REPO / t).is_file() for t in tests)
     assert "TRITON_INTERPRET" in steps["kernel_tests"][1][:3]  # unset: the kernels run natively
-    for name in ("bench_kernels", "bench_train"):
+    for name in ("bench_kernels", "bench_train", "bench_train_b128", "bench_optimizer"):
         command = steps[name][1]
         source = (REPO / command[1]).read_text()
         for flag in _flags(command):
             assert f'"{flag}"' in source, (name, flag)
-    bench_train = steps["bench_train"][1]
-    preset = bench_train[bench_train.index("--preset") + 1]
-    cfg = load_config(REPO / "benchmarks" / "presets" / f"{preset}.yaml", [t for t in bench_train if "=" in t])
-    assert cfg.train.dtype == "bf16"
+    batch = {}
+    for name in ("bench_train", "bench_train_b128", "bench_optimizer"):
+        command = steps[name][1]
+        preset = command[command.index("--preset") + 1]
+        cfg = load_config(REPO / "benchmarks" / "presets" / f"{preset}.yaml", [t for t in command if "=" in t])
+        assert cfg.train.dtype == "bf16", name
+        batch[name] = cfg.train.micro_batch_size
+    assert batch == {"bench_train": 32, "bench_train_b128": 128, "bench_optimizer": 32}
     train = steps["train"][1]
     assert train[1:4] == ["-m", "matekd_ds", "train"]
     overrides = [t.replace("$RUN_DIR", str(tmp_path / "run")) for t in train[4:]]

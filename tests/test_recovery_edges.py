@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import child_env, run_cli
-from test_recovery import FAST, assert_one_line_error, metrics, train
+from test_recovery import FAST, assert_one_line_error, assert_same_run, metrics, train
 
 # A run crashed after step 3 of its student phase: a fine-tuned teacher/ export (5 steps),
 # student-phase checkpoints at steps 0 and 2, fp32 at ZeRO-2 on one rank. Every command on it
@@ -86,6 +86,21 @@ def test_a_bf16_run_resumed_without_bf16_is_refused(tmp_path):
     assert train(out, *quick, env={"MATEKD_CRASH_AFTER_STEP": "1:student"}).returncode == 1
     result = train(out, "models.teacher_finetune_epochs=0", flags=("--resume",))
     assert_one_line_error(result, "were written with train.dtype bf16, this run has fp32", code=2)
+
+
+def test_a_bf16_single_rank_run_resumes_bit_identically(tmp_path):
+    """bf16 at world size 1 trains with DeepSpeed's BF16_Optimizer (engines.single_rank_ds_config):
+    its checkpoints give back the run that never stopped, and only to an engine of that kind."""
+    quick = ("models.teacher_finetune_epochs=0", "train.dtype=bf16")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert train(whole, *quick).returncode == 0
+    assert train(broken, *quick, env={"MATEKD_CRASH_AFTER_STEP": "7:student"}).returncode == 1
+    refused = train(broken, *quick, "deepspeed.single_rank_fast_path=false", flags=("--resume",))
+    assert_one_line_error(refused, "written with deepspeed.single_rank_fast_path true (bf16: BF16_Optimizer), "
+                                   "this run has False", code=2)
+    resumed = train(broken, *quick, flags=("--resume",))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(whole, broken)
 
 
 # ---------------------------------------------------------------------------------------------

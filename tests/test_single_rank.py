@@ -1,6 +1,7 @@
 """The single-rank fast path (engines.build_engine at world size 1) makes the updates DeepSpeed's
-own path makes: ZeRO-0 without its gradient all-reduce, ZeRO-1/2 in fp32 built as ZeRO-0. Checked
-with gradient accumulation, active clipping and a trained parameter that gets no gradient. It
+own path makes: ZeRO-0 without its gradient all-reduce, ZeRO-1/2 in fp32 built as ZeRO-0, in bf16
+as DeepSpeed's BF16_Optimizer. Checked with gradient accumulation, active clipping and a trained
+parameter that gets no gradient. It
 replaces private members of DeepSpeed's engine, so it runs only on the DeepSpeed releases it was
 verified against, and a test here fails loudly when those members stop being what it replaces."""
 
@@ -17,7 +18,7 @@ from helpers import tiny_batch, tiny_models, tiny_tokenizer
 
 from matekd_ds import distributed, engines
 from matekd_ds.ds_config import finalize_ds_config, read_ds_config
-from matekd_ds.engines import EngineSpec, build_engine, single_rank_ds_config
+from matekd_ds.engines import EngineSpec, build_engine, single_rank_bf16_optimizer, single_rank_ds_config
 
 CLIP, ACCUMULATION, STEPS, MICRO = 0.05, 2, 3, 6
 
@@ -64,7 +65,8 @@ needs_fast_path = pytest.mark.skipif(not engines.fast_path_supported(),
 
 
 @needs_fast_path
-@pytest.mark.parametrize("stage,dtype", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (0, "bf16")])
+@pytest.mark.parametrize("stage,dtype", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (0, "bf16"), (1, "bf16"),
+                                         (2, "bf16")])
 def test_fast_path_updates_like_deepspeeds_path(stage, dtype, tokenizer_and_examples):
     tokenizer, examples = tokenizer_and_examples
     batches = [tiny_batch(tokenizer, examples[i * MICRO:], MICRO) for i in range(STEPS * ACCUMULATION)]
@@ -73,7 +75,11 @@ def test_fast_path_updates_like_deepspeeds_path(stage, dtype, tokenizer_and_exam
     normal, expected = train(copy.deepcopy(model), stage, dtype, False, batches)
     fast, got = train(copy.deepcopy(model), stage, dtype, True, batches)
 
-    assert normal.zero_optimization_stage() == stage and fast.zero_optimization_stage() == 0
+    assert normal.zero_optimization_stage() == stage
+    if dtype == "bf16" and stage > 0:  # one flat fused update instead of ZeRO's per-tensor checks
+        assert type(fast.optimizer).__name__ == "BF16_Optimizer"
+    else:
+        assert fast.zero_optimization_stage() == 0
     assert fast.global_steps == normal.global_steps == STEPS
     assert fast.lr_scheduler.state_dict() == normal.lr_scheduler.state_dict()
     # the gradient norm the trainer's health check reads: ZeRO-1/2 report it, and so does the fast path
@@ -84,22 +90,30 @@ def test_fast_path_updates_like_deepspeeds_path(stage, dtype, tokenizer_and_exam
     if dtype == "fp32":  # (bf16 cannot hold 1 - 3e-5)
         assert not torch.equal(expected["unused"], torch.ones(2, 2)), "weight decay never reached the unused weight"
     for name, value in expected.items():
-        if stage == 0:  # the same optimizer on the same gradients: bit for bit
+        if stage == 0 or dtype == "bf16":  # the same update on the same gradients: bit for bit
             assert torch.equal(got[name], value), name
         else:  # ZeRO's flat partition vs per-tensor AdamW: the clip coefficient's last bits
             torch.testing.assert_close(got[name], value, rtol=0, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_half_precision_and_offload_keep_their_zero_stage(stage):
-    for preset in ("bf16", "offload"):
-        config = finalize_ds_config(read_ds_config(f"zero{stage}+{preset}"), micro_batch=MICRO, grad_accum=1,
-                                    world_size=1, clip=CLIP, dtype="bf16" if preset == "bf16" else "fp32",
-                                    zero_stage=None)
-        assert single_rank_ds_config(config) is config
-    fp32 = finalize_ds_config(read_ds_config(f"zero{stage}"), micro_batch=MICRO, grad_accum=1, world_size=1,
-                              clip=CLIP, dtype="fp32", zero_stage=None)
-    assert single_rank_ds_config(fp32)["zero_optimization"] == {"stage": 0}
+def test_which_engine_a_single_rank_config_becomes(stage, tmp_path):
+    def finalized(spec: str, dtype: str) -> dict:
+        return finalize_ds_config(read_ds_config(spec), micro_batch=MICRO, grad_accum=1, world_size=1, clip=CLIP,
+                                  dtype=dtype, zero_stage=None)
+
+    for spec, dtype in ((f"zero{stage}+fp16", "fp16"), (f"zero{stage}+offload", "fp32"),
+                        (f"zero{stage}+bf16+offload", "bf16")):  # fp16's loss scaling, offload: kept
+        config = finalized(spec, dtype)
+        assert single_rank_ds_config(config) is config and not single_rank_bf16_optimizer(config)
+    assert single_rank_ds_config(finalized(f"zero{stage}", "fp32"))["zero_optimization"] == {"stage": 0}
+    bf16 = single_rank_ds_config(finalized(f"zero{stage}+bf16", "bf16"))
+    assert bf16["zero_optimization"] == {"stage": 1} and bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert single_rank_bf16_optimizer(finalized(f"zero{stage}+bf16", "bf16"))
+    asked = tmp_path / "bf16-grads.json"  # bf16 gradient accumulation asked for: DeepSpeed's ZeRO
+    asked.write_text('{"data_types": {"grad_accum_dtype": "bf16"}}')
+    config = finalized(f"zero{stage}+bf16+{asked}", "bf16")
+    assert single_rank_ds_config(config) is config
 
 
 @pytest.mark.parametrize("stage", [1, 2])
