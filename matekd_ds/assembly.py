@@ -88,6 +88,9 @@ def _student_method(inputs: RunInputs, engines: RunEngines, student: nn.Module, 
                       **settings)
     if m.generator_layers is not None:
         generator = models.keep_first_layers(generator, m.generator_layers)
+    if cfg.method == "kd-aug":  # the generator rewrites, never trains: no engine, no optimizer state
+        return MateKD(student_engine, None, teacher, perturber,
+                      frozen_generator=engines.frozen_generator(generator, distributed.device()), **settings)
     warm = frozen_copy(generator) if m.adversary_probe else None  # before its engine trains it
     generator_engine = engines.generator(generator)
     probe = None

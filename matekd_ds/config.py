@@ -21,7 +21,10 @@ import yaml
 
 from matekd_ds.errors import MatekdError
 
-METHODS = ("ft", "kd", "matekd")
+METHODS = ("ft", "kd", "matekd", "kd-aug")
+# The methods whose student step adds the divergence on masked-and-rewritten text (methods/matekd.py):
+# MATE-KD, and kd-aug, its student step with the warmed generator frozen (masked-LM augmentation).
+AUGMENTING = ("matekd", "kd-aug")
 PERTURBATIONS = ("generator", "random")  # matekd.perturbation
 # AdamW moves every weight by about lr per step: above 1 no training converges, it only overflows.
 MAX_LR = 1.0
@@ -216,6 +219,9 @@ class LoggingConfig:
 class RunConfig:
     # A GLUE task name, "synthetic" (the built-in offline task) or "custom" (data.train_file...).
     task: str = "synthetic"
+    # ft, kd, matekd, or kd-aug: MATE-KD's student step with its warmed generator frozen (no
+    # generator steps, no generator engine or optimizer state; the matekd.* keys of the student
+    # step and the generator's warm-up apply, generator_steps is taken as 0).
     method: str = "matekd"
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -407,9 +413,14 @@ def _check(ok: bool, message: str) -> None:
         raise MatekdError(message)
 
 
+def augments(cfg: RunConfig) -> bool:
+    """Whether the student also learns on masked-and-rewritten text (matekd, kd-aug)."""
+    return cfg.method in AUGMENTING
+
+
 def uses_generator(cfg: RunConfig) -> bool:
-    """Whether the run loads a generator: MATE-KD, unless its masked tokens are random ones."""
-    return cfg.method == "matekd" and cfg.matekd.perturbation == "generator"
+    """Whether the run loads a generator: matekd or kd-aug, unless the masked tokens are random ones."""
+    return augments(cfg) and cfg.matekd.perturbation == "generator"
 
 
 def _check_perturbation(cfg: RunConfig) -> None:
@@ -419,6 +430,10 @@ def _check_perturbation(cfg: RunConfig) -> None:
            f"matekd.perturbation must be one of {', '.join(PERTURBATIONS)}, got '{m.perturbation}'")
     _check(m.adversary_probe_batches >= 1,
            f"matekd.adversary_probe_batches must be >= 1, got {m.adversary_probe_batches}")
+    if cfg.method == "kd-aug":  # the generator only rewrites text: it is never trained
+        _check(not m.adversary_probe, "matekd.adversary_probe measures the generator's training; method kd-aug "
+                                      "never trains it (use method matekd)")
+        m.generator_steps = 0
     if m.perturbation == "random":  # no generator: nothing to train or warm up
         m.generator_steps = m.generator_mlm_warmup_steps = 0
     if m.adversary_probe and cfg.method == "matekd":

@@ -294,6 +294,14 @@ class RunEngines:
                            m.generator_mlm_warmup_weight_decay, m.generator_mlm_warmup_steps,
                            m.generator_mlm_warmup_ratio)
 
+    def frozen_generator(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """method kd-aug: the warmed generator only samples, so it gets no engine and no optimizer
+        state. On the device in the run's precision, without gradients, and in train mode (dropout
+        on), as MATE-KD's student steps sample it: kd-aug is the kd-frozen arm that issue 27
+        measured, not a new one (tests/test_kd_aug.py: the same student, bit for bit)."""
+        model.requires_grad_(False)
+        return model.train().to(device=device, dtype=TORCH_DTYPES[self.dtype])
+
     def student(self, model: nn.Module):
         t = self.cfg.train
         return self._build(model, "student", "student", t.lr, t.weight_decay, self.student_optimizer_steps,

@@ -186,6 +186,9 @@ def _load_models(cfg: RunConfig, data: TaskData, tokenizer, resumed: RunDir | No
         models.masked_lm_parts(structure(generator))
         _check_generator_layers(cfg, generator)
         _check_adversary_probe(cfg, generator)
+        if cfg.method == "kd-aug" and isinstance(generator, Partitioned):
+            raise MatekdError("method kd-aug keeps its frozen generator whole on every rank: use deepspeed.generator "
+                              "below ZeRO-3")
     loaded = {role: structure(m) for role, m in (("teacher", teacher), ("student", student), ("generator", generator))
               if m is not None}
     models.check_shared_vocabulary(loaded, tokenizer)

@@ -18,14 +18,16 @@ from typing import Any
 import yaml
 
 from matekd_ds import deployment
-from matekd_ds.config import RunConfig
+from matekd_ds.config import RunConfig, augments
 from matekd_ds.data.glue import GLUE_HUB_PATH, TaskSpec
 from matekd_ds.data.tasks import task_spec
 
 CARD = "README.md"
 CARDED_EXPORTS = ("student", "student_best", "teacher")
 METHOD_NAMES = {"ft": "fine-tuning on the labels", "kd": "knowledge distillation (Hinton et al., 2015)",
-                "matekd": "MATE-KD (Rashid et al., ACL 2021): knowledge distillation with masked adversarial text"}
+                "matekd": "MATE-KD (Rashid et al., ACL 2021): knowledge distillation with masked adversarial text",
+                "kd-aug": "knowledge distillation with masked-LM augmentation: MATE-KD's student step with its "
+                          "warmed generator frozen (no adversarial training)"}
 RANDOM_TOKENS = "random tokens (uniform over the vocabulary without its special tokens)"  # matekd.perturbation random
 
 
@@ -70,7 +72,7 @@ def _teacher(cfg: RunConfig, metrics: dict[str, Any]) -> str:
 
 
 def _method_name(cfg: RunConfig) -> str:
-    if cfg.method == "matekd" and cfg.matekd.perturbation == "random":
+    if augments(cfg) and cfg.matekd.perturbation == "random":
         return f"{METHOD_NAMES['matekd']}, its masked tokens replaced by {RANDOM_TOKENS} instead of a generator's " \
                "(a control arm)"
     return METHOD_NAMES[cfg.method]
@@ -87,7 +89,7 @@ def hyper_parameters(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     }
     if cfg.method == "kd":
         out.update({"kd alpha": cfg.kd.alpha, "kd temperature": cfg.kd.temperature})
-    if cfg.method == "matekd":
+    if augments(cfg):
         m = cfg.matekd
         weights = [round(w, 4) for w in m.loss_weights]
         if m.perturbation == "random":
@@ -239,7 +241,7 @@ def render(cfg: RunConfig, metrics: dict[str, Any], robustness: dict[str, Any] |
              + (f" (teacher layers {cfg.models.student_init_from_teacher_layers})"
                 if cfg.models.student_init_from_teacher_layers else "")
              + " |"]
-    if cfg.method == "matekd":
+    if augments(cfg):
         random = cfg.matekd.perturbation == "random"
         lines.append(f"| generator | {RANDOM_TOKENS}: no generator (a control arm) |" if random
                      else f"| generator | `{cfg.models.generator}` |")

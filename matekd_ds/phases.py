@@ -22,6 +22,7 @@ from matekd_ds import distributed, models
 from matekd_ds.assembly import build_generator_warmup, build_run, build_teacher_finetuning
 from matekd_ds.callbacks import Callbacks
 from matekd_ds.checkpoint import Checkpointer
+from matekd_ds.config import augments
 from matekd_ds.engines import RunEngines
 from matekd_ds.evaluation import DevEvaluator, evaluate, main_score
 from matekd_ds.inputs import RunInputs
@@ -186,7 +187,9 @@ def student_phase(ctx: PhaseContext, teacher: Teacher | None, generator: torch.n
     total = ctx.engines.student_phase_steps
     on_best = partial(ctx.run.export, "student_best", student, inputs.tokenizer) if cfg.eval.save_best else None
     trainer = ctx.trainer(method, "student", total, ctx.dev_evaluator(student, device), device, on_best)
-    arm = " (random tokens, no generator)" if cfg.method == "matekd" and cfg.matekd.perturbation == "random" else ""
+    arm = " (random tokens, no generator)" if augments(cfg) and cfg.matekd.perturbation == "random" else ""
+    if cfg.method == "kd-aug" and not arm:
+        arm = " (the warmed generator frozen: masked-LM augmentation)"
     log.info(f"[student] {cfg.method} for {total} steps{arm}")
     state = trainer.fit(ctx.resume)
     ctx.run.export("student", student, inputs.tokenizer)

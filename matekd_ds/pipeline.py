@@ -32,7 +32,7 @@ from transformers.utils import logging as hf_logging
 from matekd_ds import deployment, distributed, signals
 from matekd_ds.assembly import run_engines
 from matekd_ds.callbacks import Callbacks, RunCallback
-from matekd_ds.config import RunConfig
+from matekd_ds.config import RunConfig, augments
 from matekd_ds.errors import MatekdError
 from matekd_ds.health import Diverged
 from matekd_ds.inputs import (
@@ -180,7 +180,7 @@ def refresh_cards(run: RunDir) -> None:
 
 
 def start_metrics(cfg: RunConfig, spec, dtype: str) -> dict[str, Any]:
-    arm = {"perturbation": cfg.matekd.perturbation} if cfg.method == "matekd" else {}  # generator or random
+    arm = {"perturbation": cfg.matekd.perturbation} if augments(cfg) else {}  # generator or random
     return {"status": "running", "task": spec.name, "method": cfg.method, **arm, "metric": spec.main_metric,
             "world_size": distributed.world_size(), "dtype": dtype,
             "kernels": backend_info()}  # which Triton (or torch) kernels ran

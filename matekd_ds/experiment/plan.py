@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matekd_ds.config import config_from_dict, merge
+from matekd_ds.config import AUGMENTING, config_from_dict, merge
 from matekd_ds.errors import MatekdError
 from matekd_ds.experiment.spec import base_method, uses_generator
 from matekd_ds.run_dir import RunDir
@@ -92,7 +92,7 @@ def plan(spec: dict[str, Any]) -> list[Run]:
                         **_models(teacher=teacher_path, teacher_finetune_epochs=0,
                                   **({"generator": generator_path} if generator_path else {})),
                     })
-                    if method == "matekd":
+                    if method in AUGMENTING:
                         cfg = merge(cfg, {"matekd": {"generator_mlm_warmup_steps": 0}})
                     if size is not None:  # the first N examples: the smaller sets lie inside the larger
                         cfg = merge(cfg, {"data": {"max_train_examples": size}})

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from matekd_ds.config import METHODS, merge, read_config_file
+from matekd_ds.config import AUGMENTING, METHODS, merge, read_config_file
 from matekd_ds.errors import MatekdError
 
+DEFAULT_METHODS = ("ft", "kd", "matekd")  # a spec without `methods` (kd-aug is named when wanted)
 SPEC_KEYS = {"output_dir", "report_dir", "tasks", "methods", "seeds", "base", "method_overrides", "teacher",
              "generator", "transfer_sizes"}
 
@@ -51,7 +52,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
             raise MatekdError(f"experiment spec {path}: '{key}' is required")
     if not isinstance(spec["tasks"], dict):
         raise MatekdError(f"experiment spec {path}: 'tasks' must map task names to run-config overrides")
-    methods = spec.setdefault("methods", list(METHODS))
+    methods = spec.setdefault("methods", list(DEFAULT_METHODS))
     overrides = spec.get("method_overrides") or {}
     for name in methods:  # a method, or a variant: a name whose overrides say `method: ...`
         if base_method(name, overrides) not in METHODS:
@@ -92,7 +93,7 @@ def uses_generator(name: str, spec: dict[str, Any]) -> bool:
     """Whether method `name`'s runs perturb with a generator: matekd, unless its run config (the
     spec's base, then the variant's overrides) says matekd.perturbation: random."""
     overrides = spec.get("method_overrides") or {}
-    if base_method(name, overrides) != "matekd":
+    if base_method(name, overrides) not in AUGMENTING:
         return False
     cfg = merge(spec.get("base") or {}, overrides.get(name) or {})
     return (cfg.get("matekd") or {}).get("perturbation", "generator") != "random"

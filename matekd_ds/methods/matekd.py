@@ -10,10 +10,11 @@ Each cycle: `generator_steps` generator (max) steps, then `student_steps` studen
                                                       + w₂·div(student(x'), teacher(x'))
 
 Control arms (matekd.perturbation, generator_steps): with generator_steps 0 the generator is
-never trained (a frozen masked LM); with perturbation random there is no generator at all, the
-masked rows take uniform random tokens (perturb.RandomTokens) and `engines` holds the student
-alone. The student step is the same in every arm. matekd.adversary_probe (adversary.py) measures
-the generator after each generator phase.
+never trained (a frozen masked LM); method kd-aug is that arm without the generator's engine
+(`frozen_generator`, no optimizer state); with perturbation random there is no generator at all,
+the masked rows take uniform random tokens (perturb.RandomTokens). Without a generator engine
+`engines` holds the student alone. The student step is the same in every arm.
+matekd.adversary_probe (adversary.py) measures the generator after each generator phase.
 """
 
 from __future__ import annotations
@@ -56,12 +57,18 @@ class MateKD:
     def __init__(self, student_engine, generator_engine, teacher: Teacher, perturber: Perturber, *,
                  regression: bool, temperature: float, loss_weights: list[float],
                  generator_steps: int, student_steps: int, frozen_dtype: torch.dtype | None = None,
-                 random_tokens: RandomTokens | None = None, probe: AdversaryProbe | None = None):
-        """`generator_engine` None: the random-token arm (`random_tokens` fills the masks, no
-        generator step); `probe`: the adversary probe, run after each generator phase."""
-        if generator_engine is None and (random_tokens is None or generator_steps > 0):
-            raise ValueError("MATE-KD without a generator engine needs random tokens and generator_steps 0")
+                 random_tokens: RandomTokens | None = None, probe: AdversaryProbe | None = None,
+                 frozen_generator: torch.nn.Module | None = None):
+        """`generator_engine` None: no generator step; the masks are filled by `random_tokens`
+        (the random-token arm) or sampled from `frozen_generator` (kd-aug). `probe`: the
+        adversary probe, run after each generator phase."""
+        if generator_engine is None and ((random_tokens is None) == (frozen_generator is None) or generator_steps > 0):
+            raise ValueError("MATE-KD without a generator engine needs random tokens or a frozen generator (one), "
+                             "and generator_steps 0")
+        if frozen_generator is not None:
+            self.name = "kd-aug"
         self.student, self.generator, self.teacher = student_engine, generator_engine, teacher
+        self.frozen_generator = frozen_generator
         self.perturber = perturber  # the masks (and the generator's samples)
         self.sampler = random_tokens if random_tokens is not None else perturber  # the student step's tokens
         self.regression, self.temperature = regression, temperature
@@ -138,7 +145,7 @@ class MateKD:
     def student_micro_step(self, batch: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
         mb = self.perturber.mask_batch(batch, seed)
         with torch.no_grad(), autocast_to(self.frozen_dtype, batch["input_ids"].device.type):
-            generator = self.generator.module if self.generator is not None else None
+            generator = self.generator.module if self.generator is not None else self.frozen_generator
             perturbed_ids = self.sampler.sample_perturbed_ids(generator, mb, seed + 1)
             teacher_clean = self.teacher.clean_logits(batch)
             teacher_perturbed = self.teacher.logits(**dict(model_inputs(batch), input_ids=perturbed_ids))
