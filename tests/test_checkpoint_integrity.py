@@ -28,8 +28,8 @@ def trained_with_checkpoints(tmp_path: Path, tokenizer_and_examples, stage: int 
     """A tiny MATE-KD pair with checkpoints at steps 1 and 2 (keep 2); returns the method, the
     checkpointer and each checkpoint's student parameters."""
     tokenizer, examples = tokenizer_and_examples
-    # bf16: ZeRO-2 keeps its partitioned optimizer-state files at world size 1 (the single-rank
-    # fast path runs fp32 ZeRO-1/2 as ZeRO-0, which has none)
+    # bf16: at world size 1 the engines are DeepSpeed's BF16_Optimizer (the single-rank fast path),
+    # which writes optimizer-state files beside the model states; fp32 runs as ZeRO-0, which has none
     method = tiny_matekd(stage, dtype="bf16")
     checkpointer = Checkpointer(tmp_path / "checkpoints", keep=2)
     batch = tiny_batch(tokenizer, examples)
