@@ -121,6 +121,8 @@ def test_random_takes_the_generator_steps_and_warm_up_as_zero():
     (["matekd.adversary_probe=true", "matekd.generator_steps=0"], "matekd.generator_steps 0 never trains it"),
     (["matekd.adversary_probe=true", "deepspeed.generator=zero3"],
      "matekd.adversary_probe keeps a whole copy of the generator: use deepspeed.generator below ZeRO-3"),
+    (["method=kd-aug", "matekd.adversary_probe=true"], "method kd-aug never trains it (use method matekd)"),
+    (["method=kd-aug", "deepspeed.generator=zero3"], "method kd-aug keeps its frozen generator whole on every rank"),
 ])
 def test_bad_values_of_the_new_keys_are_one_line_before_anything_is_written(tmp_path, capfd, overrides, fragment):
     out = tmp_path / "run"
