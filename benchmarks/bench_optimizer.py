@@ -1,19 +1,24 @@
 #!/usr/bin/env python
 """The student engine's backward and optimizer step at world size 1, per DeepSpeed config, on
 the student of a benchmark preset as `matekd train` builds it (assembly.run_inputs, then
-RunEngines.student: the product's build_engine, its single-rank fast path included).
+RunEngines.student: the product's build_engine).
 
     python benchmarks/bench_optimizer.py --preset gpu-base [--configs zero2,zero1,...]
         [--steps N] [--profile] [--no-save | --out-dir DIR] [KEY=VALUE ...]
 
 Why: on an H200 (benchmarks/results/train_gpu-base_nvidia-h200_20261204.json) DeepSpeed's
 ZeRO-2 bf16 step took 26.7 ms of a 90.4 ms student step where the eager reference's AdamW took
-6.2 ms. The single-rank fast path (engines.single_rank_ds_config) covers fp32 only. This
-measures which engine a single-rank bf16 run should get, and what each costs in accuracy.
+6.2 ms. The single-rank fast path (engines.single_rank_ds_config) then covered fp32 only. This
+measured which engine a single-rank bf16 run should get (BF16_Optimizer, since), and what each
+costs in accuracy.
 
-Configs (deepspeed.student values; default: all of these):
-  zero2, zero1, zero0    the presets (with the run's precision, as `matekd train` resolves them)
-  zero1+fp32-grads       ZeRO-1 with data_types.grad_accum_dtype fp32: DeepSpeed's BF16_Optimizer
+Configs (default: all of these, in this order):
+  zero2, zero1, zero0    DeepSpeed's own engine for the preset (deepspeed.single_rank_fast_path
+                         false), with the run's precision as `matekd train` resolves it
+  zero1+fp32-grads       the same for ZeRO-1 with data_types.grad_accum_dtype fp32: DeepSpeed's
+                         BF16_Optimizer in bf16
+  product                the run config's deepspeed.student with its single-rank fast path: the
+                         engine `matekd train` trains with (bf16: BF16_Optimizer; fp32: ZeRO-0)
   torch-amp              no DeepSpeed: fp32 weights, autocast to the run's dtype, clip + fused
                          AdamW (the eager reference's optimizer)
 Each config starts from the same weights and runs the same `--steps` batches with the same
@@ -61,7 +66,8 @@ from harness import (
 from matekd_ds.data.batching import model_inputs
 from matekd_ds.errors import MatekdError
 
-DEFAULT_CONFIGS = ("zero2", "zero1", "zero0", "zero1+fp32-grads", "torch-amp")
+DEFAULT_CONFIGS = ("zero2", "zero1", "zero0", "zero1+fp32-grads", "product", "torch-amp")
+PRODUCT = "product"
 # data_types.grad_accum_dtype fp32 with ZeRO-1 and bf16: DeepSpeed picks BF16_Optimizer
 FP32_GRADS = {"data_types": {"grad_accum_dtype": "fp32"}}
 PLAIN_TORCH = "torch-amp"
@@ -142,7 +148,9 @@ def build_student(inputs, config: str, student: torch.nn.Module, device):
     if config == PLAIN_TORCH:
         engines = RunEngines(cfg, inputs.ds_configs, inputs.dtype, inputs.batches_per_epoch)
         return PlainTorch(student, engines, TORCH_DTYPES[inputs.dtype] if inputs.dtype != "fp32" else None, device)
-    cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, student=config))
+    if config != PRODUCT:  # DeepSpeed's own engine for the named config
+        cfg = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, student=config,
+                                                                     single_rank_fast_path=False))
     ds_configs, dtype = resolve_run_ds_configs(cfg, 1, with_teacher=False)
     return RunEngines(cfg, ds_configs, dtype, inputs.batches_per_epoch).student(student)
 
