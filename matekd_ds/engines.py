@@ -163,7 +163,7 @@ def single_rank_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
       weights and fp32 gradients as ZeRO-1/2 keep them, one flat fused update. The same update,
       bit for bit, on the CPU with accumulation and active clipping (tests/test_single_rank.py);
       on an H200, 12 steps at gpu-base ended 5% of their movement apart, the losses equal to 3
-      decimals (bench_optimizer.py's drift: reductions in another order).
+      decimals (bench_optimizer.py's drift; the cause is not pinned down).
     - fp16 keeps its stage: ZeRO-0 fp16 is a different loss-scaling wrapper."""
     zero = ds_config.get("zero_optimization", {})
     offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
