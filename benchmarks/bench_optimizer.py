@@ -44,7 +44,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from harness import (
     REPO,
     RESULTS,
     device_slug,
+    elapsed_ms,
     provenance,
     quiet_libraries,
     release_memory,
@@ -104,14 +104,6 @@ def student_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["labels"])
 
 
-def timed(fn, sync) -> tuple[float, object]:
-    sync()
-    began = time.perf_counter()
-    out = fn()
-    sync()
-    return (time.perf_counter() - began) * 1e3, out
-
-
 class PlainTorch:
     """The eager reference's optimizer: fp32 weights, autocast, clip_grad_norm_, fused AdamW, with
     the learning-rate schedule the student's engine gets."""
@@ -156,7 +148,6 @@ def build_student(inputs, config: str, student: torch.nn.Module, device):
 
 
 def measure(inputs, config: str, student, batches, device) -> Measured:
-    sync = synchronizer(device)
     engine = build_student(inputs, config, student, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -165,8 +156,8 @@ def measure(inputs, config: str, student, batches, device) -> Measured:
     for n, batch in enumerate(batches):
         torch.manual_seed(inputs.cfg.train.seed + n)  # the same dropout masks in every config
         loss = student_loss(engine, batch)
-        backward_ms.append(timed(partial(engine.backward, loss), sync)[0])
-        step_ms.append(timed(engine.step, sync)[0])
+        backward_ms.append(elapsed_ms(partial(engine.backward, loss), device))
+        step_ms.append(elapsed_ms(engine.step, device))
         losses.append(loss.item())
     peak = (torch.cuda.max_memory_allocated(device) - start) / 2**20 if device.type == "cuda" else None
     wrapper = type(getattr(engine, "optimizer", None)).__name__
