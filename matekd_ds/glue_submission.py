@@ -33,7 +33,7 @@ import numpy as np
 from matekd_ds import distributed
 from matekd_ds.config import RunConfig
 from matekd_ds.data.glue import TaskSpec
-from matekd_ds.data.sources import Rows, _first_line_fields, column_choices, read_source
+from matekd_ds.data.sources import Rows, first_line_fields, column_choices, read_source
 from matekd_ds.durable import fsync_path, write_atomic
 from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation_cli import encode_rows, load_target
@@ -133,7 +133,7 @@ def _looks_like(columns: tuple[str, ...], rows: int | None = None) -> str:
 def check_test_columns(file_name: str, path: Path) -> None:
     """The test file has the GLUE download's columns for `file_name`, in order."""
     expected = TEST_FORMATS[file_name][0]
-    found = tuple(_first_line_fields(path))
+    found = tuple(first_line_fields(path))
     if found != expected:
         raise MatekdError(f"--glue-test: {path} has columns [{', '.join(found)}], {_test_set_name(file_name)} has "
                           f"[{', '.join(expected)}]{_looks_like(found)}")

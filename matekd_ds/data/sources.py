@@ -142,7 +142,8 @@ def _glue_folder(path: Path, source: str, spec: TaskSpec) -> list[Rows]:
     return out
 
 
-def _first_line_fields(path: Path) -> list[str]:
+def first_line_fields(path: Path) -> list[str]:
+    """The tab-separated fields of a file's first line, stripped (a header, or a first row)."""
     first = next(_read_lines(path), None)  # one-line errors for unreadable or non-UTF-8 files
     if first is None:
         raise MatekdError(f"{path} is empty")
@@ -153,7 +154,7 @@ def _glue_layout_applies(path: Path, spec: TaskSpec, choices: Sequence[Columns],
     """A TSV file of the GLUE download itself is read with its layout (CoLA's have no header,
     QQP's training file has a few broken rows); a table with other named columns, by name."""
     layout = _TSV_LAYOUTS[spec.name]
-    header = dict.fromkeys(_first_line_fields(path), "")
+    header = dict.fromkeys(first_line_fields(path), "")
     if not layout.has_header:
         return not any(choice.present_in(header, labeled) for choice in choices)
     own = Columns(tuple(map(str, layout.text_columns)), str(layout.label_column))
