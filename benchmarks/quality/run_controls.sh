@@ -19,6 +19,16 @@ split_off() {  # split_off SOURCE KEEP TRAIN_OUT REST_OUT: the first KEEP rows, 
     (head -n 1 "$1"; tail -n +$(($2 + 2)) "$1") > "$4"
 }
 
+shuffle_rows() {  # shuffle_rows FILE: its data rows in a fixed random order (seed 0), the header first
+    python - "$1" <<'PY'
+import random, sys
+lines = open(sys.argv[1], "rb").readlines()  # bytes: a row ends at b"\n" only
+rows = [row if row.endswith(b"\n") else row + b"\n" for row in lines[1:]]
+random.Random(0).shuffle(rows)
+open(sys.argv[1], "wb").writelines(lines[:1] + rows)
+PY
+}
+
 case $set_name in
     sst2)  # rows 12,001-14,000: unseen by the teacher (rows 1-12,000) and by every student
         spec=benchmarks/quality/adversary_controls.yaml; root=runs/transfer-sets; size=1000
@@ -34,6 +44,9 @@ case $set_name in
         root=runs/glue-test
         split_off $shared/glue/MRPC/train.tsv 3168 $root/data/MRPC/train.tsv $root/data/MRPC/dev.tsv
         split_off $shared/glue/STS-B/train.tsv 5249 $root/data/STS-B/train.tsv $root/data/STS-B/dev.tsv
+        # STS-B's file is sorted by genre (its first 1000 rows are all MSRvid captions): shuffled, the
+        # students' first 1000 rows are a sample of the teacher's rows, not one genre of them
+        shuffle_rows $root/data/STS-B/train.tsv
         split_off $shared/glue/RTE/train.tsv 2000 $root/data/RTE/train.tsv $root/data/RTE/dev.tsv
         if [ "$set_name" = glue ]; then
             spec=benchmarks/quality/adversary_controls_glue.yaml; size=1000
