@@ -33,7 +33,7 @@ import numpy as np
 from matekd_ds import distributed
 from matekd_ds.config import RunConfig
 from matekd_ds.data.glue import TaskSpec
-from matekd_ds.data.sources import Rows, first_line_fields, column_choices, read_source
+from matekd_ds.data.sources import Rows, column_choices, first_line_fields, read_source
 from matekd_ds.durable import fsync_path, write_atomic
 from matekd_ds.errors import MatekdError
 from matekd_ds.evaluation_cli import encode_rows, load_target
