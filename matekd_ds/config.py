@@ -365,15 +365,17 @@ _ENV_REFERENCE = re.compile(r"\$\{(\w+)\}")
 
 def expand_env(value: Any, where: str) -> Any:
     """Every ${VAR} in the strings of `value` replaced by that environment variable (a model's
-    folder differs between machines: `teacher: ${MINILM}`); an unset one is an error."""
+    folder differs between machines: `teacher: ${MINILM}`). An unset or empty one is an error: an
+    empty path would surface later as a misleading "teacher needs 'model'"."""
     if isinstance(value, dict):
         return {k: expand_env(v, where) for k, v in value.items()}
     if isinstance(value, list):
         return [expand_env(v, where) for v in value]
     if isinstance(value, str):
-        missing = [name for name in _ENV_REFERENCE.findall(value) if name not in os.environ]
-        if missing:
-            raise MatekdError(f"{where}: environment variable {missing[0]} in '{value}' is not set")
+        for name in _ENV_REFERENCE.findall(value):
+            if not os.environ.get(name):
+                state = "is empty" if name in os.environ else "is not set"
+                raise MatekdError(f"{where}: environment variable {name} in '{value}' {state}")
         return _ENV_REFERENCE.sub(lambda ref: os.environ[ref[1]], value)
     return value
 

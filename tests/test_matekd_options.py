@@ -93,3 +93,6 @@ def test_run_configs_expand_environment_variables(tmp_path, monkeypatch):
     monkeypatch.delenv("MATEKD_TEST_MODEL")
     with pytest.raises(MatekdError, match="environment variable MATEKD_TEST_MODEL in '.*' is not set"):
         load_config(config)
+    monkeypatch.setenv("MATEKD_TEST_MODEL", "")
+    with pytest.raises(MatekdError, match="environment variable MATEKD_TEST_MODEL in '.*' is empty"):
+        load_config(config)
