@@ -56,7 +56,7 @@ def test_gaps_pair_seeds_and_give_their_spread(tmp_path, test_table):
     text = test_table.gaps(found, test_table.parse_methods(METHODS))
     # matekd seed 3 has no kd partner: the pairs are seeds 1 and 2 (+2.0, +3.0)
     assert "matekd − kd (best) +2.50 ± 0.71 (2 seeds)" in text
-    assert "matekd − kd (final) +3.00 (1 seeds)" in text
+    assert "matekd − kd (final) +3.00 (1 seed)" in text
     assert "matekd − kd-frozen (best) +0.50 ± 0.71 (2 seeds)" in text
     assert "kd − ft (best) +3.00 ± 0.00 (2 seeds)" in text
     assert "kd-random" not in text  # not a column here

@@ -83,7 +83,8 @@ def paired_diffs(high: dict[int, float], low: dict[int, float]) -> list[float]:
 def gap_text(diffs: list[float]) -> str:
     """Mean ± std of paired differences, and how many seeds."""
     spread = f" ± {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
-    return f"{statistics.mean(diffs):+.2f}{spread} ({len(diffs)} seeds)"
+    seeds = "1 seed" if len(diffs) == 1 else f"{len(diffs)} seeds"
+    return f"{statistics.mean(diffs):+.2f}{spread} ({seeds})"
 
 
 def stored_name(name: str, task: str) -> str:
