@@ -4,8 +4,6 @@ measurements kept in docs/transfer_sets, not typed: regenerate the JSON the way 
 cell of the leading table against the per-seed scores it summarises."""
 
 import json
-import re
-import statistics
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,7 @@ from helpers import load_benchmark_script
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 TASKS = ["sst2", "subj", "trec", "mrpc", "rte", "stsb"]
 METHODS = "ft-e10=ft,kd-e10=kd,kd-random,kd-frozen,matekd-e10-lw-bf16-g2=matekd,kd-equal-time"
-SHORT = ["ft", "kd", "kd-random", "kd-frozen", "matekd", "kd-equal-time"]  # the leading table's column order
 ROW_TASK = {"SST-2": "sst2", "SUBJ": "subj", "TREC": "trec", "STS-B": "stsb", "MRPC": "mrpc", "RTE": "rte"}
-CELL = re.compile(r"\*{0,2}(\d+\.\d+) ± (\d+\.\d+)\*{0,2} / \*{0,2}(\d+\.\d+) ± (\d+\.\d+)\*{0,2}")
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +40,10 @@ def leading_table_rows() -> dict[str, list[str]]:
     return rows
 
 
-def test_results_json_holds_every_task_and_arm_at_three_seeds():
+def test_results_json_holds_every_task_and_arm_at_three_seeds(test_table):
     raw = json.loads((DOCS / "results.json").read_text())
     for task in TASKS:
-        assert sorted(raw[task]) == sorted(SHORT), task
+        assert sorted(raw[task]) == sorted(test_table.parse_methods(METHODS).values()), task
         for method, scores in raw[task].items():
             assert len(scores) == 3 and all(0 < s < 100 for s in scores), (task, method, scores)
 
@@ -64,13 +60,9 @@ def test_leading_table_cells_summarise_the_stored_measurements(test_table, store
     run_names = list(test_table.parse_methods(METHODS))
     for task, cells in rows.items():
         best, final, _ = stored[task]
-        assert len(cells) == len(SHORT), task
-        for run_name, text in zip(run_names, cells):
-            match = CELL.fullmatch(text)
-            assert match, (task, text)
-            shown = [float(v) for v in match.groups()]
-            for checkpoint, (mean, std) in (("best", shown[:2]), ("final", shown[2:])):
-                scores = list(test_table.per_seed(best if checkpoint == "best" else final, run_name).values())
-                assert len(scores) == 3, (task, run_name, checkpoint)
-                assert mean == pytest.approx(statistics.mean(scores), abs=0.006), (task, run_name, checkpoint)
-                assert std == pytest.approx(statistics.stdev(scores), abs=0.006), (task, run_name, checkpoint)
+        assert len(cells) == len(run_names), task
+        for run_name, shown in zip(run_names, cells):
+            # test_table.py's own cell, without its "(n=3)" and the docs' bold marks
+            expected = " / ".join(test_table.cell(test_table.per_seed(agreement, run_name))
+                                  for agreement in (best, final))
+            assert shown.replace("**", "") == expected.replace(" (n=3)", ""), (task, run_name)
